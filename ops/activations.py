@@ -23,9 +23,7 @@ def hook_layer(hook_name: str) -> int:
     """Block index of a TransformerLens hook name such as ``blocks.6.hook_resid_post``."""
     match = _RESID_HOOK.match(hook_name)
     if not match:
-        raise SaealignError(
-            f"hook '{hook_name}' is not a per-block hook; fix: use e.g. 'blocks.6.hook_resid_post'"
-        )
+        raise SaealignError(f"hook '{hook_name}' is not a per-block hook; fix: use e.g. 'blocks.6.hook_resid_post'")
     return int(match.group(1))
 
 
@@ -74,9 +72,7 @@ def pad_batch(model: LanguageModel, ids: Sequence[Sequence[int]], rows: list[int
     return TokenBatch(tokens=tokens, attention_mask=attention, keep=keep, rows=rows)
 
 
-def iter_batches(
-    model: LanguageModel, texts: Sequence[str], max_tokens: int, context: int
-) -> Iterator[TokenBatch]:
+def iter_batches(model: LanguageModel, texts: Sequence[str], max_tokens: int, context: int) -> Iterator[TokenBatch]:
     """Yield batches of at most ``max_tokens`` padded tokens, texts sorted by length inside
     a window so padding stays small. Texts are truncated to ``context`` tokens."""
     ids = model.tokenize(list(texts), max_length=context)

@@ -210,9 +210,7 @@ def _llama_tl_config(hf_config: Any, n_ctx: int, device: str) -> Any:
     )
 
 
-def hooked_from_llama(
-    hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, device: str
-) -> HookedTransformer:
+def hooked_from_llama(hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, device: str) -> HookedTransformer:
     """Convert a Hugging Face Llama-family model into an equivalent ``HookedTransformer``."""
     from transformer_lens import HookedTransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights

@@ -41,9 +41,7 @@ class SAEEvalReport:
         return asdict(self)
 
 
-def _next_token_loss(
-    model: LanguageModel, resid: torch.Tensor, batch: TokenBatch, start: int
-) -> torch.Tensor:
+def _next_token_loss(model: LanguageModel, resid: torch.Tensor, batch: TokenBatch, start: int) -> torch.Tensor:
     logits = model.tl(resid, start_at_layer=start)
     targets = batch.tokens[:, 1:].to(logits.device)
     real = batch.attention_mask[:, 1:].bool().to(logits.device)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ops.errors import SAEMismatchError, SaealignError
+from ops.errors import SaealignError, SAEMismatchError
 from ops.models import LanguageModel
 from ops.paths import DATA_DIR
 

@@ -64,9 +64,7 @@ def _split_slice(spec: str) -> tuple[str, slice]:
     try:
         start, stop = (int(x) if x.strip() else None for x in sl.split(":"))
     except ValueError:
-        raise SaealignError(
-            f"bad row selection '#{sl}' in '{spec}'; use '#start:stop', e.g. '#:-2500'"
-        ) from None
+        raise SaealignError(f"bad row selection '#{sl}' in '{spec}'; use '#start:stop', e.g. '#:-2500'") from None
     return base, slice(start, stop)
 
 

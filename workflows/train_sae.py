@@ -141,9 +141,7 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
         "prepend_bos": model.prepend_bos,
         "exclude_first_position": True,
     }
-    sae = make_training_sae(
-        cfg.architecture, model.d_model, cfg.d_sae, cfg.k, cfg.l1_coefficient, metadata, device
-    )
+    sae = make_training_sae(cfg.architecture, model.d_model, cfg.d_sae, cfg.k, cfg.l1_coefficient, metadata, device)
     total = int(cfg.epochs * n_collected)
     losses = train_sae(sae, shards.batches(cfg.batch_size, cfg.seed), total, cfg.batch_size, cfg.lr, device)
     timings["train_s"] = time.perf_counter() - t0
