@@ -1,0 +1,152 @@
+"""Operators behind ``build-lake``: pool preparation and the per-shard compute.
+
+``PromptEncoder`` runs the LM only up to the hook (``stop_at_layer``), SAE-encodes counted
+positions, summarises per prompt and returns sparse rows: dense per-token activations never
+leave it. ``workflows/build_lake.py`` wraps these in Ray Data actors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from ops.activations import iter_batches, run_to_hook
+from ops.embedders import embed
+from ops.errors import SaealignError
+from ops.lake import EMBEDDINGS, PROMPTS, prompt_id
+from ops.models import load_model
+from ops.saes import check_sae_fits, load_sae
+from ops.summaries import sparse_rows, summarise
+from ops.texts import TextTable
+
+
+@dataclass(frozen=True)
+class PreparedPool:
+    """Deduplicated pool rows (prompt_id, text, source, task) in source order."""
+
+    table: pa.Table
+    n_input: int
+    n_empty: int
+    n_duplicates: int
+
+    def fingerprint(self) -> str:
+        ids = self.table.column("prompt_id").to_numpy()
+        return hashlib.blake2b(ids.tobytes(), digest_size=16).hexdigest()
+
+    def shards(self, shard_size: int) -> list[tuple[int, pa.Table]]:
+        n = self.table.num_rows
+        return [(i, self.table.slice(s, shard_size)) for i, s in enumerate(range(0, n, shard_size))]
+
+
+def prepare_pool(sources: list[TextTable]) -> PreparedPool:
+    """Concatenate sources, drop empty texts and repeated texts (same prompt_id)."""
+    parts = []
+    for src in sources:
+        t = src.table
+        task = t.column("task") if "task" in t.column_names else None
+        if task is None and "label" in t.column_names:
+            task = t.column("label")
+        n = t.num_rows
+        parts.append(
+            pa.table(
+                {
+                    "text": t.column("text").cast(pa.string()),
+                    "source": pa.array([src.source] * n, pa.string()),
+                    "task": task.cast(pa.string()) if task is not None else pa.nulls(n, pa.string()),
+                }
+            )
+        )
+    table = pa.concat_tables(parts) if parts else pa.table({"text": pa.array([], pa.string())})
+    n_input = table.num_rows
+    stripped = pc.utf8_trim_whitespace(pc.fill_null(table.column("text"), ""))
+    table = table.filter(pc.greater(pc.utf8_length(stripped), 0))
+    n_empty = n_input - table.num_rows
+    if table.num_rows == 0:
+        raise SaealignError("the pool has no non-empty text; fix: pass a pool source with texts")
+    ids = np.array([prompt_id(t) for t in table.column("text").to_pylist()], dtype=np.int64)
+    _, first = np.unique(ids, return_index=True)
+    keep = np.sort(first)
+    table = table.append_column("prompt_id", pa.array(ids)).take(pa.array(keep))
+    return PreparedPool(
+        table=table.select(["prompt_id", "text", "source", "task"]),
+        n_input=n_input,
+        n_empty=n_empty,
+        n_duplicates=len(ids) - len(keep),
+    )
+
+
+class PromptEncoder:
+    """Loads the model and SAE once; turns a shard of prompts into lake rows."""
+
+    def __init__(
+        self, model: str, sae: str, hook: str | None, summary: str, context: int, batch_tokens: int, device: str = "cpu"
+    ) -> None:
+        self.model = load_model(model, device=device)
+        self.sae = load_sae(sae, device=device)
+        self.hook = check_sae_fits(self.sae, self.model, hook)
+        self.summary = summary
+        self.context = min(context, self.model.n_ctx)
+        self.batch_tokens = batch_tokens
+
+    @torch.no_grad()
+    def encode(self, shard: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """(prompts table, sparse activations table) for one shard."""
+        texts = shard.column("text").to_pylist()
+        ids = shard.column("prompt_id").to_pylist()
+        n_tokens = np.zeros(len(texts), dtype=np.int32)
+        full_lengths = [len(r) for r in self.model.tokenize(texts, max_length=10**9)]
+        acts_parts = []
+        for batch in iter_batches(self.model, texts, self.batch_tokens, self.context):
+            x = run_to_hook(self.model, batch, self.hook)
+            keep = batch.keep.to(x.device)
+            token_acts = self.sae.encode(x[keep])
+            row_of_token = torch.nonzero(keep, as_tuple=True)[0]
+            summary = summarise(token_acts, row_of_token, len(batch.rows), self.summary)
+            acts_parts.append(sparse_rows(summary, [ids[r] for r in batch.rows]))
+            n_tokens[batch.rows] = batch.attention_mask.sum(dim=1).numpy()
+        prompts = shard.append_column("n_tokens", pa.array(n_tokens, pa.int32())).append_column(
+            "truncated", pa.array([n > self.context for n in full_lengths])
+        )
+        return prompts.select(PROMPTS.names), pa.concat_tables(acts_parts)
+
+
+def embed_shard(shard: pa.Table, embedder: str, batch_size: int = 64) -> pa.Table:
+    """The embeddings table for one shard (L2-normalised vectors)."""
+    vectors = embed(shard.column("text").to_pylist(), embedder, batch_size=batch_size)
+    flat = pa.array(vectors.reshape(-1), pa.float32())
+    return pa.table(
+        {
+            "prompt_id": shard.column("prompt_id"),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+            "embedder": pa.array([embedder] * shard.num_rows, pa.string()),
+        },
+        schema=EMBEDDINGS,
+    )
+
+
+def latent_stats_table(activations: pa.Table) -> pa.Table:
+    """Per latent: support (#prompts with a non-zero summary) and total summary mass."""
+    grouped = activations.group_by("latent").aggregate([("prompt_id", "count"), ("value", "sum")])
+    return pa.table(
+        {
+            "latent": grouped.column("latent").cast(pa.int32()),
+            "support": grouped.column("prompt_id_count").cast(pa.int64()),
+            "total_mass": grouped.column("value_sum").cast(pa.float64()),
+        }
+    ).sort_by("latent")
+
+
+def describe_pool(pool: PreparedPool) -> dict[str, Any]:
+    return {
+        "input_rows": pool.n_input,
+        "empty_dropped": pool.n_empty,
+        "duplicates_dropped": pool.n_duplicates,
+        "prompts": pool.table.num_rows,
+        "fingerprint": pool.fingerprint(),
+    }

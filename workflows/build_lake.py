@@ -1,0 +1,269 @@
+"""``saealign build-lake``: a Ray Data job that writes the reference lake.
+
+Pipeline (streaming, one row = one shard of prompts):
+
+1. ``ShardLatents`` actors (callable class, ``ActorPoolStrategy``; GPU-aware): run the LM to the
+   hook, SAE-encode, summarise per prompt, write ``prompts`` and ``activations`` shard files.
+2. ``ShardEmbeddings`` actors: MiniLM embeddings (L2-normalised), write ``embeddings``.
+
+Every shard file is written atomically and a stage skips a shard whose file exists, so a killed
+job re-run (or a retried actor) ends with exactly the rows of an uninterrupted run. The driver
+sees only per-shard counts. ``latent_stats`` and the manifest are written once all shards exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from ops.embedders import EMBEDDED_EMBEDDER
+from ops.errors import SaealignError
+from ops.lake import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
+from ops.lake_build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
+from ops.manifest import base_manifest
+from ops.models import EMBEDDED_MODEL
+from ops.saes import load_sae, sae_hook_name, sae_id
+from ops.texts import read_many
+from workflows._config import parse_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildLakeConfig:
+    """Build the reference lake: prompt embeddings and sparse prompt-level SAE activations."""
+
+    lake: str = "out/lake"
+    """Lake root: a local path or a pyarrow filesystem URI (s3://bucket/lake, gs://...)."""
+    pool: tuple[str, ...] = ("embedded:pool",)
+    """Pool sources: embedded:pool, files with a text column, hf:<dataset>, or p3 (connected)."""
+    text_column: str = "text"
+    """Name of the text column in file sources."""
+    model: str = EMBEDDED_MODEL
+    """Language model (registry or TransformerLens name)."""
+    sae: str = "default"
+    """SAE: 'default', a sae-lens directory, or saelens:<release>/<sae_id>."""
+    hook: str = ""
+    """Hook point; empty = the hook recorded in the SAE."""
+    summary: Literal["avg", "max", "count"] = "avg"
+    """Prompt-level summary of token activations (spec §1)."""
+    embedder: str = EMBEDDED_EMBEDDER
+    """Sentence embedder for prompt embeddings."""
+    context: int = 512
+    """Tokens per prompt; longer prompts are truncated (counted in the manifest)."""
+    shard_size: int = 128
+    """Prompts per shard (the unit of resumption)."""
+    batch_tokens: int = 4096
+    """Padded tokens per LM batch inside a shard."""
+    workers: int = 1
+    """LM/SAE actors."""
+    embed_workers: int = 1
+    """Embedding actors."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per actor (also its torch thread count)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per LM/SAE actor (0 on CPU)."""
+    address: str = ""
+    """Ray address to join (empty: start or reuse a local Ray)."""
+    overwrite: bool = False
+    """Allow rebuilding a dataset that was started from a different pool."""
+
+    def __post_init__(self) -> None:
+        if self.shard_size <= 0 or self.workers <= 0 or self.embed_workers <= 0:
+            raise SaealignError("--shard-size, --workers and --embed-workers must be positive")
+
+
+def _shard_rows(pool: PreparedPool, shard_size: int, pending: set[int]) -> list[dict[str, Any]]:
+    rows = []
+    for shard, table in pool.shards(shard_size):
+        if shard in pending:
+            rows.append({"shard": shard, **{c: table.column(c).to_pylist() for c in table.column_names}})
+    return rows
+
+
+_SHARD_INPUT = pa.schema([PROMPTS.field(n) for n in ("prompt_id", "text", "source", "task")])
+
+
+def _unpack(batch: dict[str, Any]) -> tuple[int, pa.Table]:
+    shard = int(batch["shard"][0])
+    cols = {c: list(batch[c][0]) for c in ("prompt_id", "text", "source", "task")}
+    return shard, pa.table(cols, schema=_SHARD_INPUT)
+
+
+def _set_threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+class ShardLatents:
+    """Ray actor: LM to the hook + SAE + summary for one shard per call."""
+
+    def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
+        from ops.lake_build import PromptEncoder
+
+        _set_threads(cfg.cpus_per_worker)
+        device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
+        self.encoder = PromptEncoder(cfg.model, cfg.sae, key.hook, cfg.summary, cfg.context, cfg.batch_tokens, device)
+        self.lake, self.key = Lake(cfg.lake), key
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        shard, table = _unpack(batch)
+        paths = {t: self.lake.shard_path(t, self.key, shard) for t in ("prompts", "activations")}
+        if not all(self.lake.exists(p) for p in paths.values()):
+            prompts, acts = self.encoder.encode(table)
+            self.lake.write_table(paths["activations"], acts, ACTIVATIONS)
+            self.lake.write_table(paths["prompts"], prompts, PROMPTS)
+        return batch
+
+
+class ShardEmbeddings:
+    """Ray actor: sentence embeddings for one shard per call."""
+
+    def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
+        _set_threads(cfg.cpus_per_worker)
+        self.embedder = cfg.embedder
+        self.lake, self.key = Lake(cfg.lake), key
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ops.lake_build import embed_shard
+
+        shard, table = _unpack(batch)
+        path = self.lake.shard_path("embeddings", self.key, shard)
+        if not self.lake.exists(path):
+            self.lake.write_table(path, embed_shard(table, self.embedder), EMBEDDINGS)
+        return {"shard": [shard], "prompts": [table.num_rows]}
+
+
+def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> None:
+    """Refuse to mix two pools in one dataset: the shard numbering would not agree."""
+    path = lake.path("manifests", f".{key.name}.progress.json")
+    expected = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
+    if lake.exists(path) and not cfg.overwrite:
+        found = lake.read_json(path)
+        if {k: found.get(k) for k in expected} != expected:
+            raise SaealignError(
+                f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
+                "fix: pass --overwrite to rebuild it, or use another --lake"
+            )
+    if cfg.overwrite:
+        for table in ("prompts", "embeddings", "activations", "latent_stats"):
+            lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
+    lake.write_json(path, expected)
+
+
+def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
+    sae = load_sae(cfg.sae)
+    hook = cfg.hook or sae_hook_name(sae)
+    if not hook:
+        raise SaealignError("the SAE records no hook; fix: pass --hook")
+    return DatasetKey(model=cfg.model, sae=sae_id(cfg.sae), hook=hook, summary=cfg.summary)
+
+
+def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, Any]], n_prompts: int) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    retry = {"max_restarts": 3, "max_task_retries": 3}
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(
+        ShardLatents,
+        fn_constructor_kwargs={"cfg": cfg, "key": key},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=cfg.workers),
+        num_cpus=cfg.cpus_per_worker,
+        num_gpus=cfg.gpus_per_worker,
+        **retry,
+    ).map_batches(
+        ShardEmbeddings,
+        fn_constructor_kwargs={"cfg": cfg, "key": key},
+        batch_size=1,
+        compute=ActorPoolStrategy(size=cfg.embed_workers),
+        num_cpus=cfg.cpus_per_worker,
+        **retry,
+    )
+    with tqdm(total=n_prompts, desc="lake shards", unit="prompt") as bar:
+        for row in ds.iter_rows():
+            bar.update(int(row["prompts"]))
+
+
+def build(cfg: BuildLakeConfig) -> dict[str, Any]:
+    """Run the job; returns the manifest."""
+    wall = time.perf_counter()
+    pool = prepare_pool(read_many(list(cfg.pool), cfg.text_column))
+    key = _dataset_key(cfg)
+    lake = Lake(cfg.lake)
+    _check_progress(lake, key, pool, cfg)
+    shards = pool.shards(cfg.shard_size)
+    pending = {i for i, _ in shards if not lake.shard_done(key, i)}
+    log.info("%d prompts in %d shards, %d to do", pool.table.num_rows, len(shards), len(pending))
+    if pending:
+        rows = _shard_rows(pool, cfg.shard_size, pending)
+        _run_pipeline(cfg, key, rows, sum(len(r["text"]) for r in rows))
+    missing = [i for i, _ in shards if not lake.shard_done(key, i)]
+    if missing:
+        raise SaealignError(f"{len(missing)} shards did not finish (first: {missing[0]}); re-run to resume")
+    return _finalise(cfg, key, lake, pool, time.perf_counter() - wall)
+
+
+def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedPool, wall: float) -> dict[str, Any]:
+    import pyarrow.dataset as pads
+
+    def read(table: str) -> pa.Table:
+        return pads.dataset(
+            lake.table_glob(table, key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
+        ).to_table()
+
+    acts, prompts = read("activations"), read("prompts")
+    stats = latent_stats_table(acts)
+    lake.write_table(lake.stats_path(key), stats, LATENT_STATS)
+    sae = load_sae(cfg.sae)
+    manifest = base_manifest("lake-dataset", asdict(cfg))
+    manifest.update(
+        dataset=key.name,
+        key=asdict(key),
+        embedder=cfg.embedder,
+        d_sae=int(sae.cfg.d_sae),
+        pool=describe_pool(pool),
+        rows={
+            "prompts": prompts.num_rows,
+            "embeddings": read("embeddings").num_rows,
+            "activations": acts.num_rows,
+            "latent_stats": stats.num_rows,
+        },
+        tokens=int(pa.compute.sum(prompts.column("n_tokens")).as_py()),
+        truncated_prompts=int(pa.compute.sum(prompts.column("truncated").cast(pa.int32())).as_py()),
+        context=cfg.context,
+        coverage={
+            "support>=1": stats.num_rows / sae.cfg.d_sae,
+            "support>=20": int(pa.compute.sum(pa.compute.greater_equal(stats.column("support"), 20)).as_py())
+            / sae.cfg.d_sae,
+        },
+        wall_s=wall,
+    )
+    lake.write_json(lake.manifest_path(key), manifest)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(BuildLakeConfig, argv, "saealign build-lake")
+    manifest = build(cfg)
+    rows = manifest["rows"]
+    print(f"lake dataset {manifest['dataset']} at {cfg.lake}")
+    print(
+        f"  prompts {rows['prompts']}, activation rows {rows['activations']}, tokens {manifest['tokens']}, "
+        f"truncated {manifest['truncated_prompts']}, wall {manifest['wall_s']:.1f}s"
+    )
+    print(
+        f"  coverage: support>=1 {manifest['coverage']['support>=1']:.3f}, "
+        f"support>=20 {manifest['coverage']['support>=20']:.3f}"
+    )
+    return 0
