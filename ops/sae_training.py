@@ -144,7 +144,9 @@ def train_sae(
     lr: float,
     device: str,
 ) -> list[float]:
-    """Fit ``sae`` with sae-lens's ``SAETrainer``; returns the loss of every step.
+    """Fit ``sae`` with sae-lens's ``SAETrainer``; returns the reconstruction (MSE) loss of every step
+    (the total loss also holds auxiliary terms, e.g. TopK's AuxK on dead latents, that grow as
+    latents die).
 
     Learning rate: 5 % linear warm-up, then cosine decay to 10 % (sae-lens schedulers)."""
     from sae_lens.config import SAETrainerConfig
@@ -169,7 +171,7 @@ def train_sae(
     class _Trainer(SAETrainer):  # type: ignore[misc]
         def step(self, batch: torch.Tensor) -> Any:
             out = super().step(batch)
-            losses.append(float(out.loss.detach()))
+            losses.append(float(out.losses.get("mse_loss", out.loss).detach()))
             return out
 
     _Trainer(cfg, sae, batches).fit()

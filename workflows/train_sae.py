@@ -171,8 +171,8 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
         tokens_collected=n_collected,
         tokens_trained=len(losses) * cfg.batch_size,
         steps=len(losses),
-        loss_first=losses[0],
-        loss_last=losses[-1],
+        mse_first=losses[0],
+        mse_last=losses[-1],
         timings=timings,
         eval=report,
     )
