@@ -156,7 +156,8 @@ class Lake:
     def datasets(self) -> list[str]:
         """Names of the datasets with a manifest."""
         sel = pafs.FileSelector(self.path("manifests"), allow_not_found=True)
-        return sorted(i.base_name.removesuffix(".json") for i in self.fs.get_file_info(sel) if i.is_file)
+        infos = self.fs.get_file_info(sel)
+        return sorted(i.base_name.removesuffix(".json") for i in infos if i.is_file and not i.base_name.startswith("."))
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
