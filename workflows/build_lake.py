@@ -205,6 +205,9 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
     shards = pool.shards(cfg.shard_size)
     pending = {i for i, _ in shards if not lake.shard_done(key, i)}
     log.info("%d prompts in %d shards, %d to do", pool.table.num_rows, len(shards), len(pending))
+    if not pending and lake.exists(lake.manifest_path(key)):
+        log.info("dataset %s is complete; nothing to do", key.name)
+        return lake.read_json(lake.manifest_path(key))
     if pending:
         rows = _shard_rows(pool, cfg.shard_size, pending)
         _run_pipeline(cfg, key, rows, sum(len(r["text"]) for r in rows))

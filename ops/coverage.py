@@ -1,0 +1,51 @@
+"""Coverage of SAE latents by a reference pool (paper Fig. 3).
+
+For pool sizes n, draw ``samples`` random subsets of n prompts (with replacement, as in the
+paper) and report the share of latents with support ≥ 1 and ≥ ``min_support`` (min/mean/max).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class CoveragePoint:
+    size: int
+    threshold: int
+    mean: float
+    low: float
+    high: float
+
+
+def coverage_curve(
+    activations: pa.Table,
+    d_sae: int,
+    sizes: Sequence[int] = tuple(2**e for e in range(7, 14)),
+    samples: int = 5,
+    thresholds: Sequence[int] = (1, 20),
+    seed: int = 0,
+) -> list[CoveragePoint]:
+    """Coverage points from long-form activations (prompt_id, latent, value)."""
+    ids = activations.column("prompt_id").to_numpy()
+    latents = activations.column("latent").to_numpy().astype(np.int64)
+    prompts, row_prompt = np.unique(ids, return_inverse=True)
+    # prompt x latent incidence as sorted (prompt, latent) pairs
+    rng = np.random.default_rng(seed)
+    points: list[CoveragePoint] = []
+    for size in sizes:
+        shares: dict[int, list[float]] = {t: [] for t in thresholds}
+        for _ in range(samples):
+            draw = rng.integers(0, len(prompts), size=size)
+            weight = np.bincount(draw, minlength=len(prompts))
+            support = np.bincount(latents, weights=weight[row_prompt], minlength=d_sae)
+            for t in thresholds:
+                shares[t].append(float((support >= t).mean()))
+        for t in thresholds:
+            v = np.array(shares[t])
+            points.append(CoveragePoint(size, t, float(v.mean()), float(v.min()), float(v.max())))
+    return points

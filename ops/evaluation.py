@@ -1,0 +1,199 @@
+"""Generated-output evaluation (spec §4): methods side by side on the same prompts and seeds.
+
+Per generation: perplexity of the continuation under the unsteered model, distance from P_align
+(min Euclidean distance of the continuation's embedding to the align texts' embeddings, lower =
+more on topic), contamination and latents changed per token (steered methods), time per token.
+Acceptability needs a CoLA classifier, which is not installed offline: it is reported as
+unavailable, never estimated.
+
+Baselines beside the SAE methods: ``prompting`` (the unsteered model given
+"Write about <topic>: " before the prompt) and ``diffmean`` (the mean hook activation of the
+align texts minus that of the reference pool, added at the hook with a scale).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ops.activations import iter_batches, run_to_hook
+from ops.embedders import embed
+from ops.generation import GenerationResult, SamplingParams, generate
+from ops.models import LanguageModel
+from ops.scoring import min_distances
+from ops.steering import SteeringSpec, hf_hook_modules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One evaluated setting: a label, a steering spec (None = plain model) and options."""
+
+    label: str
+    spec: SteeringSpec | None = None
+    prompt_prefix: str = ""
+    diffmean_scale: float = 0.0
+
+
+@dataclass
+class Evaluated:
+    """Per-method results: one row per (prompt, seed)."""
+
+    label: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([r[key] for r in self.rows], dtype=np.float64)
+
+
+def standard_runs(scores: torch.Tensor, topic: str, diffmean_scale: float) -> list[MethodRun]:
+    """The methods of the paper's Table 2 plus keep_error variants and the two baselines."""
+    runs = [MethodRun("orig", SteeringSpec("orig", scores=scores, topic=topic))]
+    for method in ("sae", "clamp", "swap", "weight"):
+        runs.append(MethodRun(method, SteeringSpec(method, scores=scores, topic=topic)))  # type: ignore[arg-type]
+        runs.append(MethodRun(f"{method}+err", SteeringSpec(method, scores=scores, topic=topic, keep_error=True)))  # type: ignore[arg-type]
+    runs.append(MethodRun("prompting", None, prompt_prefix=f"Write about {topic}: "))
+    runs.append(MethodRun("diffmean", None, diffmean_scale=diffmean_scale))
+    return runs
+
+
+@torch.no_grad()
+def mean_hook_activation(model: LanguageModel, texts: Sequence[str], hook: str, context: int = 256) -> torch.Tensor:
+    """Mean activation at ``hook`` over counted positions of ``texts`` [d_model]."""
+    total, count = None, 0
+    for batch in iter_batches(model, texts, 4096, context):
+        x = run_to_hook(model, batch, hook)[batch.keep.to(model.device)]
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += len(x)
+    assert total is not None
+    return total / max(count, 1)
+
+
+@contextmanager
+def add_vector_hook(model: LanguageModel, hook: str, vector: torch.Tensor) -> Iterator[None]:
+    """Add ``vector`` to the hook's output at every position but the first (DiffMean steering)."""
+    _, layer = hf_hook_modules(model.hf, hook)
+
+    def fn(module: Any, args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        shift = torch.zeros_like(hidden)
+        shift[:, :, :] = vector.to(hidden.dtype)
+        if hidden.shape[1] > 1:  # prefill: leave the first position alone
+            shift[:, 0, :] = 0
+        hidden = hidden + shift
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = layer.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def continuation_perplexity(model: LanguageModel, prompt_ids: list[int], cont_ids: list[int]) -> float:
+    """exp(mean NLL) of ``cont_ids`` given ``prompt_ids`` under the unsteered HF model."""
+    if not cont_ids:
+        return math.nan
+    ids = torch.tensor([prompt_ids + cont_ids], device=model.device)
+    logits = model.hf(ids).logits[0, len(prompt_ids) - 1 : -1]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids) :])
+    return float(torch.exp(nll))
+
+
+def run_method(
+    model: LanguageModel,
+    sae: Any,
+    run: MethodRun,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    params: SamplingParams,
+    diffmean: torch.Tensor | None,
+    batch_size: int,
+) -> list[GenerationResult]:
+    """Generate every (prompt, seed) pair under one method."""
+    rows = [(p, s) for s in seeds for p in prompts]
+    texts = [run.prompt_prefix + p for p, _ in rows]
+    row_seeds = [s for _, s in rows]
+    hook = sae.cfg.metadata.hook_name
+    if run.diffmean_scale and diffmean is not None:
+        with add_vector_hook(model, hook, run.diffmean_scale * diffmean):
+            return generate(model, None, texts, None, hook, params, batch_size, row_seeds)
+    return generate(model, sae if run.spec else None, texts, run.spec, hook, params, batch_size, row_seeds)
+
+
+def score_results(
+    model: LanguageModel,
+    results: list[GenerationResult],
+    prompts: Sequence[str],
+    align_embeddings: np.ndarray,
+    embedder: str,
+) -> list[dict[str, Any]]:
+    """Metrics per generation; perplexity conditions on the original prompt (no prefix)."""
+    conts = [r.text if r.text.strip() else "." for r in results]
+    distances = min_distances(embed(conts, embedder), align_embeddings)
+    rows = []
+    for i, (r, d) in enumerate(zip(results, distances, strict=True)):
+        prompt = prompts[i % len(prompts)]
+        prompt_ids = model.tokenize([prompt])[0]
+        rows.append(
+            {
+                "prompt": prompt,
+                "text": r.text,
+                "tokens": r.tokens,
+                "contamination_per_token": [None if math.isnan(c) else c for c in r.contamination],
+                "latents_changed_per_token": [None if math.isnan(c) else c for c in r.latents_changed],
+                "perplexity": continuation_perplexity(model, prompt_ids, r.token_ids),
+                "distance": float(d),
+                "contamination": r.mean_contamination,
+                "latents_changed": r.mean_latents_changed,
+                "s_per_token": r.timings.get("s_per_token", math.nan),
+                "acceptability": None,
+            }
+        )
+    return rows
+
+
+def summarise_method(ev: Evaluated, orig: Evaluated | None) -> dict[str, Any]:
+    """Mean ± std of each metric, and the share of generations closer to the topic than orig's."""
+    out: dict[str, Any] = {"method": ev.label, "n": len(ev.rows)}
+    for key in ("perplexity", "distance", "contamination", "latents_changed", "s_per_token"):
+        vals = ev.column(key)
+        vals = vals[~np.isnan(vals)]
+        out[key] = float(vals.mean()) if len(vals) else None
+        out[f"{key}_std"] = float(vals.std()) if len(vals) else None
+    out["median_perplexity"] = float(np.nanmedian(ev.column("perplexity")))
+    if orig is not None:
+        closer = ev.column("distance") < orig.column("distance")
+        out["closer_than_orig"] = float(closer.mean())
+    out["acceptability"] = "unavailable (no CoLA classifier installed)"
+    return out
+
+
+def recommend(summaries: list[dict[str, Any]], ppl_budget: float = 1.5) -> dict[str, Any]:
+    """Among the SAE steering settings, the lowest mean distance whose median perplexity stays
+    within ``ppl_budget`` × orig's; falls back to the lowest perplexity ratio."""
+    by = {s["method"]: s for s in summaries}
+    base = by["orig"]["median_perplexity"]
+    candidates = [s for s in summaries if s["method"].split("+")[0] in ("swap", "weight", "clamp", "sae")]
+    ok = [s for s in candidates if s["median_perplexity"] <= ppl_budget * base]
+    if ok:
+        best = min(ok, key=lambda s: s["distance"])
+        why = f"lowest mean distance among settings with median perplexity ≤ {ppl_budget}× orig"
+    else:
+        best = min(candidates, key=lambda s: s["median_perplexity"])
+        why = f"no setting kept median perplexity within {ppl_budget}× orig; lowest perplexity chosen"
+    return {
+        "method": best["method"],
+        "reason": why,
+        "distance": best["distance"],
+        "perplexity_ratio": best["median_perplexity"] / base,
+    }

@@ -1,0 +1,141 @@
+"""HTML rendering of an evaluation report (the dict written to report.json)."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from ops import report as R
+
+
+def _flat(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [v for r in rows for v in r[key] if v is not None]
+
+
+def _goals_html(report: dict[str, Any]) -> str:
+    goals = report["goals"]
+    rec = report["recommendation"]
+    lines = [
+        f"<p><b>Recommended default:</b> {html.escape(rec['method'])} — {html.escape(rec['reason'])} "
+        f"(distance {rec['distance']:.4f}, perplexity {rec['perplexity_ratio']:.2f}× orig).</p>"
+    ]
+    if goals:
+        lines.append("<ul>")
+        lines.append(
+            f"<li>Swap closer to the topic than orig on {goals['swap_closer_than_orig_share']:.0%} of "
+            f"prompts (goal ≥ 70 %: {'met' if goals['swap_closer_goal_met'] else 'NOT met'}).</li>"
+        )
+        lines.append(
+            f"<li>Swap median perplexity {goals['swap_perplexity_ratio']:.2f}× orig (goal ≤ 1.5×: "
+            f"{'met' if goals['swap_perplexity_goal_met'] else 'NOT met'}).</li>"
+        )
+        lines.append(
+            f"<li>Swap contamination below Clamp's: {'yes' if goals['swap_contamination_below_clamp'] else 'NO'}.</li>"
+        )
+        lines.append("</ul>")
+    lines.append(
+        '<p class="note">Acceptability (CoLA) is unavailable: no CoLA classifier is installed '
+        "offline, so it is not reported.</p>"
+    )
+    return "\n".join(lines)
+
+
+def _examples(report: dict[str, Any], n: int = 6) -> str:
+    gens = report["generations"]
+    methods = list(gens)
+    rows = []
+    for i, prompt in enumerate(report["prompts"][:n]):
+        row = {"prompt": prompt}
+        row.update({m: gens[m][i]["text"] for m in methods})
+        rows.append(row)
+    return R.html_table(rows, ["prompt", *methods], "examples")
+
+
+def render(report: dict[str, Any]) -> str:
+    gens = report["generations"]
+    summary = report["summary"]
+    cols = [
+        "method",
+        "n",
+        "distance",
+        "distance_std",
+        "median_perplexity",
+        "perplexity",
+        "contamination",
+        "latents_changed",
+        "closer_than_orig",
+        "s_per_token",
+        "acceptability",
+    ]
+    check = report["topk_check"]
+    cov = report["coverage"]
+    sizes = sorted({c["size"] for c in cov})
+    cov_curves, cov_bands = {}, {}
+    for t in sorted({c["threshold"] for c in cov}):
+        pts = [c for c in cov if c["threshold"] == t]
+        cov_curves[f"support ≥ {t}"] = [p["mean"] for p in pts]
+        cov_bands[f"support ≥ {t}"] = ([p["low"] for p in pts], [p["high"] for p in pts])
+    hist_methods = [m for m in ("clamp", "swap") if m in gens]
+    costs = report["costs"]
+    cost_rows = [{"stage": "set-up (" + k + ")", "seconds": v} for k, v in costs["set_up"].items()]
+    cost_rows += [{"stage": "per topic (" + k + ")", "seconds": v} for k, v in costs["per_topic"].items()]
+    cost_rows += [{"stage": f"per token ({k})", "seconds": v} for k, v in costs["per_token"].items()]
+    sections = [
+        ("Summary", _goals_html(report)),
+        ("Methods", R.html_table(summary, cols, "summary")),
+        ("Topic distance vs perplexity", R.img(R.tradeoff_figure(summary), "trade-off")),
+        ("Examples", _examples(report)),
+        (
+            "Latents changed per token (Fig. 5)",
+            R.img(
+                R.histogram_figure(
+                    {m: _flat(gens[m], "latents_changed_per_token") for m in hist_methods},
+                    "latents changed vs plain SAE",
+                    "Latents changed per generated token",
+                ),
+                "latents changed",
+            ),
+        ),
+        (
+            "Contamination per token (Fig. 6)",
+            R.img(
+                R.histogram_figure(
+                    {m: _flat(gens[m], "contamination_per_token") for m in hist_methods},
+                    "contamination",
+                    "Contamination per generated token",
+                ),
+                "contamination",
+            ),
+        ),
+        (
+            "Top-k check (Fig. 4)",
+            R.img(
+                R.curve_figure(
+                    check["ks"],
+                    {"aligned text": check["aligned"], "unaligned text": check["unaligned"]},
+                    "k",
+                    "share of tokens firing a top-k latent",
+                    "Top-k scored latents on aligned vs unaligned text",
+                ),
+                "top-k check",
+            )
+            + f"<p>aligned above unaligned for every k: {check['passed']}</p>",
+        ),
+        (
+            "Coverage (Fig. 3)",
+            R.img(
+                R.curve_figure(
+                    sizes,
+                    cov_curves,
+                    "pool size",
+                    "share of latents",
+                    "Latent coverage by pool size",
+                    logx=True,
+                    bands=cov_bands,
+                ),
+                "coverage",
+            ),
+        ),
+        ("Costs (Tables 3–4)", R.html_table(cost_rows, ["stage", "seconds"], "costs")),
+    ]
+    return R.render_html(f"saealign evaluation: topic '{report['topic']['topic']}'", sections)
