@@ -72,6 +72,10 @@ class BuildLakeConfig:
     """Ray address to join (empty: start or reuse a local Ray)."""
     overwrite: bool = False
     """Allow rebuilding a dataset that was started from a different pool."""
+    coverage: bool = False
+    """After the build, report latent coverage by pool size (paper Fig. 3): table, PNG and JSON."""
+    coverage_out: str = "out/coverage"
+    """Directory for coverage.png and coverage.json."""
 
     def __post_init__(self) -> None:
         if self.shard_size <= 0 or self.workers <= 0 or self.embed_workers <= 0:
@@ -256,6 +260,53 @@ def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedP
     return manifest
 
 
+def report_coverage(cfg: BuildLakeConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Coverage (support >= 1 and >= 20) for pool sizes 2^7..2^13, 5 samples each."""
+    import json
+    from pathlib import Path
+
+    import pyarrow.dataset as pads
+
+    from ops.coverage import coverage_curve
+    from ops.report import curve_figure
+
+    lake, key = Lake(cfg.lake), DatasetKey(**manifest["key"])
+    acts = pads.dataset(
+        lake.table_glob("activations", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
+    ).to_table(columns=["prompt_id", "latent"])
+    points = [asdict(p) for p in coverage_curve(acts, manifest["d_sae"])]
+    out = Path(cfg.coverage_out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "coverage.json").write_text(json.dumps(points, indent=1) + "\n")
+    sizes = sorted({p["size"] for p in points})
+    curves = {f"support >= {t}": [p["mean"] for p in points if p["threshold"] == t] for t in (1, 20)}
+    bands = {
+        f"support >= {t}": (
+            [p["low"] for p in points if p["threshold"] == t],
+            [p["high"] for p in points if p["threshold"] == t],
+        )
+        for t in (1, 20)
+    }
+    import base64
+
+    png = curve_figure(
+        sizes,
+        curves,
+        "pool size (prompts, sampled with replacement)",
+        "share of latents",
+        f"Coverage of {key.sae} ({manifest['d_sae']} latents)",
+        logx=True,
+        bands=bands,
+    )
+    (out / "coverage.png").write_bytes(base64.b64decode(png))
+    print(f"{'pool size':>9}  {'support>=1 (min..max)':>24}  {'support>=20 (min..max)':>24}")
+    for size in sizes:
+        cells = [next(p for p in points if p["size"] == size and p["threshold"] == t) for t in (1, 20)]
+        print(f"{size:>9}  " + "  ".join(f"{c['mean']:>8.3f} ({c['low']:.3f}..{c['high']:.3f})" for c in cells))
+    print(f"coverage plot: {(out / 'coverage.png').resolve()}")
+    return points
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BuildLakeConfig, argv, "saealign build-lake")
     manifest = build(cfg)
@@ -269,4 +320,6 @@ def main(argv: list[str] | None = None) -> int:
         f"  coverage: support>=1 {manifest['coverage']['support>=1']:.3f}, "
         f"support>=20 {manifest['coverage']['support>=20']:.3f}"
     )
+    if cfg.coverage:
+        report_coverage(cfg, manifest)
     return 0
