@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -38,7 +38,7 @@ def tradeoff_figure(summaries: Sequence[dict[str, Any]]) -> str:
     return _png(fig)
 
 
-def histogram_figure(per_method: dict[str, list[float]], xlabel: str, title: str) -> str:
+def histogram_figure(per_method: Mapping[str, Sequence[float]], xlabel: str, title: str) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for label, values in per_method.items():
         if values:
@@ -52,12 +52,12 @@ def histogram_figure(per_method: dict[str, list[float]], xlabel: str, title: str
 
 def curve_figure(
     xs: Sequence[float],
-    curves: dict[str, Sequence[float]],
+    curves: Mapping[str, Sequence[float]],
     xlabel: str,
     ylabel: str,
     title: str,
     logx: bool = False,
-    bands: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     for label, ys in curves.items():

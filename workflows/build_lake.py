@@ -176,8 +176,7 @@ def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, An
     ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    retry = {"max_restarts": 3, "max_task_retries": 3}
-    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(
         ShardLatents,
         fn_constructor_kwargs={"cfg": cfg, "key": key},
@@ -185,14 +184,16 @@ def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, An
         compute=ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
-        **retry,
+        max_restarts=3,
+        max_task_retries=3,
     ).map_batches(
         ShardEmbeddings,
         fn_constructor_kwargs={"cfg": cfg, "key": key},
         batch_size=1,
         compute=ActorPoolStrategy(size=cfg.embed_workers),
         num_cpus=cfg.cpus_per_worker,
-        **retry,
+        max_restarts=3,
+        max_task_retries=3,
     )
     with tqdm(total=n_prompts, desc="lake shards", unit="prompt") as bar:
         for row in ds.iter_rows():
