@@ -7,6 +7,8 @@ for as many epochs as asked. Nothing holds the whole corpus's activations in mem
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -32,6 +34,8 @@ class ActivationShards:
     """Float16 activation shards ``shard_XXXXX.npy`` in one directory, [n_tokens, d_in] each."""
 
     directory: Path
+    reused: bool = False
+    """True when the shards come from an earlier, completed collection."""
 
     @property
     def paths(self) -> list[Path]:
@@ -58,6 +62,23 @@ class ActivationShards:
                 leftover = pool[n_full:]
 
 
+def activations_fingerprint(model_name: str, hook_name: str, context: int, texts: Sequence[str]) -> str:
+    """Identifies one collection: same model, hook, context and texts in the same order."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([model_name, hook_name, context]).encode())
+    for text in texts:
+        h.update(text.encode("utf-8") + b"\0")
+    return h.hexdigest()
+
+
+def reusable_shards(out_dir: Path, fingerprint: str) -> ActivationShards | None:
+    """The shards of an earlier, completed collection with the same fingerprint, if any."""
+    marker = out_dir / "complete.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return ActivationShards(out_dir, reused=True)
+    return None
+
+
 def collect_activations(
     model: LanguageModel,
     texts: Sequence[str],
@@ -68,10 +89,18 @@ def collect_activations(
     shard_tokens: int = 65536,
 ) -> ActivationShards:
     """Run ``model`` up to ``hook_name`` over ``texts`` and write counted positions (no first
-    position, no special tokens, no padding) to float16 shards under ``out_dir``."""
+    position, no special tokens, no padding) to float16 shards under ``out_dir``.
+
+    A ``complete.json`` marker with the collection's fingerprint is written last; a later call
+    with the same model, hook, context and texts reuses the shards instead of recollecting."""
+    fingerprint = activations_fingerprint(model.name, hook_name, context, texts)
+    done = reusable_shards(out_dir, fingerprint)
+    if done is not None:
+        log.info("reusing the activation shards in %s (same model, hook, context and texts)", out_dir)
+        return done
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("shard_*.npy"):
-        old.unlink()
+    for old in [*out_dir.glob("shard_*.npy"), out_dir / "complete.json"]:
+        old.unlink(missing_ok=True)
     buffer: list[np.ndarray] = []
     buffered = 0
     shard = 0
@@ -96,6 +125,7 @@ def collect_activations(
     shards = ActivationShards(out_dir)
     if not shards.paths:
         raise SaealignError("the texts produced no activations (all empty?); fix: pass non-empty texts")
+    (out_dir / "complete.json").write_text(json.dumps({"fingerprint": fingerprint, "shards": shard}))
     return shards
 
 

@@ -169,6 +169,7 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
         train_texts=len(texts),
         eval_texts=len(held),
         tokens_collected=n_collected,
+        activations_reused=shards.reused,
         tokens_trained=len(losses) * cfg.batch_size,
         steps=len(losses),
         mse_first=losses[0],
