@@ -184,16 +184,16 @@ def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, An
         compute=ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
-        max_restarts=3,
-        max_task_retries=3,
+        max_restarts=-1,
+        max_task_retries=-1,
     ).map_batches(
         ShardEmbeddings,
         fn_constructor_kwargs={"cfg": cfg, "key": key},
         batch_size=1,
         compute=ActorPoolStrategy(size=cfg.embed_workers),
         num_cpus=cfg.cpus_per_worker,
-        max_restarts=3,
-        max_task_retries=3,
+        max_restarts=-1,
+        max_task_retries=-1,
     )
     with tqdm(total=n_prompts, desc="lake shards", unit="prompt") as bar:
         for row in ds.iter_rows():
