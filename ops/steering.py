@@ -1,0 +1,671 @@
+"""Request-scoped steering at one hook: ``orig``, ``sae``, ``clamp``, ``swap``, ``weight`` (spec §3).
+
+A :class:`SteeringSpec` says what one request wants (method, topic scores, options). For one
+forward or one generate call it becomes a hook, installed by the :func:`steering_hook` context
+manager on the Hugging Face model (a native PyTorch forward hook on decoder layer ``L``, whose
+output is TransformerLens ``blocks.L.hook_resid_post``), or by :func:`tl_steering_hook` for
+``HookedTransformer.run_with_hooks``. Both call the same :class:`BatchSteerer`, so the two paths
+compute the same thing.
+
+Definitions, for one token (x = hook activation, γ = SAE pre-activation, a = σ(γ), s = topic
+scores with NaN (unscored) read as 0):
+
+* ``orig``: x.  ``sae``: decode(a).
+* ``clamp``: the ``clamp_k`` highest-scored latents set to ``clamp_factor`` × a_i
+  (``multiply``) or a_i + ``clamp_factor`` (``add``).
+* ``swap``: m = the latents σ selects on γ ⊙ s; a' = m ⊙ relu(γ). TopK: the top k of γ ⊙ s
+  (positive ones). ReLU/JumpReLU: the top k_t candidates, k_t = number of active latents of a at
+  that token, candidates being the latents with γ_i s_i > 0 ranked by γ_i s_i − θ_i (θ = the
+  JumpReLU threshold, 0 for ReLU), so that all scores = 1 gives back exactly a.
+* ``weight``: a' = σ(γ ⊙ s).
+* ``strength`` (swap, weight): the scores used are 1 − strength·(1 − s): 0 gives ``sae``,
+  1 (default) the scores as given. Contamination always uses the scores as given.
+* ``keep_error``: add back the SAE error x − decode(a).
+
+Per token, where the SAE is run: contamination c_t = Σ_i a'_i (1 − s_i) / Σ_i a'_i (0 when
+Σ a' = 0), a' being the activation decoded (for ``orig`` and ``sae``, a itself; measured only when
+the spec has scores), and *latents changed* = the number of latent indices whose value differs
+between a' and a. So Clamp changes exactly ``clamp_k`` latents in ``add`` mode, and in
+``multiply`` mode only those of the clamped latents that were active (at most ``clamp_k``).
+
+Positions: the first real position of each row and special tokens (BOS, EOS, pad) are left
+untouched (pass-through x, statistics NaN) unless ``include_first=True``; padding is never steered.
+
+Isolation: nothing about a request is global. The context manager registers (reference-counted)
+one dispatching hook per module; it acts only for the session set in a ``ContextVar`` by the
+caller's own ``with`` block, so concurrent calls in other threads or asyncio tasks, with other
+specs, never see this one. Nested sessions on one model: the innermost one applies.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ops.errors import SaealignError, SAEMismatchError
+
+Method = Literal["orig", "sae", "clamp", "swap", "weight"]
+METHODS: tuple[str, ...] = ("orig", "sae", "clamp", "swap", "weight")
+SCORED_METHODS: tuple[str, ...] = ("clamp", "swap", "weight")
+ClampMode = Literal["multiply", "add"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The request
+
+
+def as_scores(scores: Any) -> torch.Tensor:
+    """Topic scores as a float32 CPU tensor [d_sae]: values in [0, 1], NaN for unscored latents."""
+    t = torch.as_tensor(np.asarray(scores, dtype=np.float32)).flatten().clone()
+    if t.numel() == 0:
+        raise SaealignError("topic scores are empty; fix: pass one score per SAE latent")
+    finite = t[~torch.isnan(t)]
+    if torch.isinf(finite).any() or (finite.numel() and (finite.min() < -1e-6 or finite.max() > 1 + 1e-6)):
+        raise SaealignError("topic scores must lie in [0, 1] (NaN = unscored); fix: pass scores from `saealign score`")
+    return t.clamp_(0.0, 1.0)  # NaN stays NaN
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringSpec:
+    """What one request asks of the hook. Immutable; validated on construction."""
+
+    method: Method = "orig"
+    """orig (no change), sae (SAE reconstruction), clamp (baseline), swap (paper eq. 3), weight (ablation)."""
+    scores: torch.Tensor | None = None
+    """Topic scores [d_sae] in [0, 1], NaN = unscored (treated as 0). Required by clamp/swap/weight;
+    for orig/sae they only turn on the contamination measurement."""
+    clamp_k: int = 5
+    """Clamp: how many of the highest-scored latents are clamped."""
+    clamp_factor: float = 10.0
+    """Clamp: the factor (multiply) or the added value (add); non-negative."""
+    clamp_mode: ClampMode = "multiply"
+    """Clamp: 'multiply' (paper text: factor × activation) or 'add' (public code: activation + factor)."""
+    strength: float = 1.0
+    """Swap/weight: scores used = 1 − strength·(1 − score); 0 = plain SAE, 1 = scores as given."""
+    keep_error: bool = False
+    """Add back the SAE error x − decode(a) (any method but orig)."""
+    include_first: bool = False
+    """Steer the first position and special tokens too (default: left untouched, spec §3)."""
+    topic: str | None = None
+    """Label of the topic the scores belong to (reporting only)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SaealignError(f"unknown steering method '{self.method}'; fix: use one of {', '.join(METHODS)}")
+        if self.scores is not None:
+            object.__setattr__(self, "scores", as_scores(self.scores))
+        elif self.method in SCORED_METHODS:
+            raise SaealignError(f"method '{self.method}' needs topic scores; fix: pass --topic or scores")
+        if self.clamp_mode not in ("multiply", "add"):
+            raise SaealignError(f"clamp_mode must be 'multiply' or 'add', got '{self.clamp_mode}'")
+        if self.clamp_k < 1:
+            raise SaealignError(f"clamp_k must be at least 1, got {self.clamp_k}")
+        if not (math.isfinite(self.clamp_factor) and self.clamp_factor >= 0):
+            raise SaealignError(f"clamp_factor must be finite and non-negative, got {self.clamp_factor}")
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise SaealignError(f"strength must be finite and non-negative, got {self.strength}")
+        if self.strength != 1.0 and self.method not in ("swap", "weight"):
+            raise SaealignError(f"strength applies to swap and weight only, not '{self.method}'; fix: drop it")
+
+    def options(self) -> dict[str, Any]:
+        """The spec without its scores (for reports and manifests)."""
+        return {
+            "method": self.method,
+            "topic": self.topic,
+            "clamp_k": self.clamp_k,
+            "clamp_factor": self.clamp_factor,
+            "clamp_mode": self.clamp_mode,
+            "strength": self.strength,
+            "keep_error": self.keep_error,
+            "include_first": self.include_first,
+            "has_scores": self.scores is not None,
+        }
+
+    @property
+    def needs_sae(self) -> bool:
+        """Whether the hook must run the SAE for this row (to steer or to measure)."""
+        return self.method != "orig" or self.scores is not None
+
+    def check_fits(self, d_sae: int) -> None:
+        """Raise :class:`SAEMismatchError` unless the scores belong to an SAE with ``d_sae`` latents."""
+        if self.scores is not None and self.scores.numel() != d_sae:
+            raise SAEMismatchError(
+                f"topic scores have {self.scores.numel()} latents but the SAE has {d_sae}; "
+                "fix: use scores computed with this SAE (score the lake built with it)"
+            )
+        if self.method == "clamp" and self.clamp_k > d_sae:
+            raise SaealignError(f"clamp_k={self.clamp_k} exceeds the SAE's {d_sae} latents")
+
+
+def check_scores_sae(scores_sae: str | None, sae_in_use: str) -> None:
+    """Reject topic scores computed with another SAE (``scores_sae`` from the score metadata)."""
+    if scores_sae is not None and scores_sae != sae_in_use:
+        raise SAEMismatchError(
+            f"the topic was scored with SAE '{scores_sae}', but generation uses SAE '{sae_in_use}'; "
+            f"fix: pass --sae {scores_sae}, or score the topic on a lake built with '{sae_in_use}'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The SAE, seen as pre-activation -> activation -> decode
+
+
+@dataclass
+class SAEView:
+    """An sae-lens SAE split into γ = pre(x), a = act(γ), x' = decode(a), exactly as its encode."""
+
+    sae: Any
+    kind: Literal["topk", "relu", "jumprelu"]
+    k: int
+    threshold: torch.Tensor | None
+    """JumpReLU threshold [d_sae] (None otherwise)."""
+    dec_norm: torch.Tensor | None
+    """TopK with rescale_acts_by_decoder_norm: ||W_dec_i|| multiplied into γ, as sae-lens does."""
+    inv_dec_norm: torch.Tensor | None = None
+    """1 / ||W_dec_i||, applied before decoding (same case)."""
+
+    @classmethod
+    def of(cls, sae: Any) -> SAEView:
+        arch = sae.cfg.architecture()
+        kinds = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
+        if arch not in kinds:
+            raise SAEMismatchError(
+                f"steering supports TopK, ReLU (standard) and JumpReLU SAEs, not '{arch}'; fix: use one of those"
+            )
+        kind = kinds[arch]
+        with torch.no_grad():
+            rescale = kind == "topk" and bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
+            dec_norm = sae.W_dec.norm(dim=-1).detach() if rescale else None
+            threshold = sae.threshold.detach() if kind == "jumprelu" else None
+        k = int(sae.cfg.k) if kind == "topk" else 0
+        inv = 1 / dec_norm if dec_norm is not None else None
+        return cls(sae=sae, kind=kind, k=k, threshold=threshold, dec_norm=dec_norm, inv_dec_norm=inv)  # type: ignore[arg-type]
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.sae.cfg.d_sae)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.sae.cfg.d_in)
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        """γ [..., d_sae] for x [..., d_in]."""
+        gamma = self.sae.process_sae_in(x) @ self.sae.W_enc + self.sae.b_enc
+        return gamma * self.dec_norm if self.dec_norm is not None else gamma
+
+    def act(self, gamma: torch.Tensor) -> torch.Tensor:
+        """σ(γ): the SAE's own activation."""
+        if self.kind == "topk":
+            values, idx = torch.topk(gamma, self.k, dim=-1, sorted=False)
+            return torch.zeros_like(gamma).scatter_(-1, idx, values.relu())
+        acts = gamma.relu()
+        if self.threshold is not None:
+            acts = acts * (gamma > self.threshold)
+        return acts
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        """x' [..., d_in] for activations [..., d_sae], as ``sae.decode`` (TopK rescaling uses the
+        decoder norms computed once instead of on every call)."""
+        if self.inv_dec_norm is None:
+            return self.sae.decode(acts)
+        sae = self.sae
+        out = sae.hook_sae_recons((acts * self.inv_dec_norm) @ sae.W_dec + sae.b_dec)
+        return sae.reshape_fn_out(sae.run_time_activation_norm_fn_out(out), sae.d_head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure interventions on one batch of pre-activations (scores broadcast against γ)
+
+
+def sae_acts(view: SAEView, gamma: torch.Tensor) -> torch.Tensor:
+    return view.act(gamma)
+
+
+def clamp_acts(acts: torch.Tensor, clamp_mask: torch.Tensor, mult: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """Clamp: where ``clamp_mask``, a' = a·mult + add (multiply: mult=factor, add=0; add: 1, factor)."""
+    return torch.where(clamp_mask, acts * mult + add, acts)
+
+
+def swap_acts(view: SAEView, gamma: torch.Tensor, acts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Swap (spec §3, paper eq. 3): re-select latents on γ ⊙ s, keep the original relu(γ) values."""
+    weighted = gamma * scores
+    if view.kind == "topk":
+        values, idx = torch.topk(weighted, view.k, dim=-1, sorted=False)
+        keep = torch.zeros_like(gamma, dtype=torch.bool).scatter_(-1, idx, values > 0)
+        return torch.where(keep, gamma.relu(), torch.zeros_like(gamma))
+    k_t = (acts > 0).sum(dim=-1, keepdim=True)  # [..., 1] active-set size to preserve
+    k_max = int(k_t.max()) if k_t.numel() else 0
+    if k_max == 0:
+        return torch.zeros_like(gamma)
+    margin = weighted - view.threshold if view.threshold is not None else weighted
+    ranked = torch.where(weighted > 0, margin, torch.full_like(margin, -math.inf))
+    values, idx = torch.topk(ranked, k_max, dim=-1, sorted=True)
+    chosen = (torch.arange(k_max, device=gamma.device) < k_t) & torch.isfinite(values)
+    keep = torch.zeros_like(gamma, dtype=torch.bool).scatter_(-1, idx, chosen)
+    return torch.where(keep, gamma.relu(), torch.zeros_like(gamma))
+
+
+def weight_acts(view: SAEView, gamma: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Weight (paper A.4 ablation): σ(γ ⊙ s)."""
+    return view.act(gamma * scores)
+
+
+def contamination(acts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """c = Σ a'_i (1 − s_i) / Σ a'_i over the last dim (s NaN read as 0; 0 when Σ a' = 0)."""
+    s = torch.nan_to_num(scores, nan=0.0)
+    num = (acts * (1.0 - s)).sum(dim=-1)
+    den = acts.sum(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(acts.dtype).tiny), torch.zeros_like(den))
+
+
+def latents_changed(new_acts: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """Number of latent indices whose value differs between a' and a (last dim)."""
+    return (new_acts != acts).sum(dim=-1)
+
+
+def effective_scores(spec: SteeringSpec) -> torch.Tensor | None:
+    """Scores the intervention uses: NaN -> 0, then 1 − strength·(1 − s)."""
+    if spec.scores is None:
+        return None
+    s = torch.nan_to_num(spec.scores, nan=0.0)
+    return s if spec.strength == 1.0 else 1.0 - spec.strength * (1.0 - s)
+
+
+def clamp_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean [d_sae]: the ``k`` highest-scored latents (NaN read as 0)."""
+    idx = torch.topk(torch.nan_to_num(scores, nan=0.0), k).indices
+    return torch.zeros(scores.shape[-1], dtype=torch.bool).index_fill_(0, idx, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-row specs stacked into tensors
+
+
+@dataclass
+class _Group:
+    """Rows (indices into the SAE sub-batch) sharing one method, with their stacked parameters."""
+
+    method: str
+    rows: torch.Tensor  # [g] long
+    scores: torch.Tensor  # [g, 1, d_sae] effective scores (ones where none)
+    clamp_mask: torch.Tensor | None = None  # [g, 1, d_sae] bool
+    mult: torch.Tensor | None = None  # [g, 1, 1]
+    add: torch.Tensor | None = None  # [g, 1, 1]
+
+
+@dataclass
+class StepStats:
+    """What one steered forward measured: contamination and latents changed [batch, seq] (NaN
+    where not measured), and where the output was replaced (``steered`` [batch, seq])."""
+
+    contamination: torch.Tensor
+    latents_changed: torch.Tensor
+    steered: torch.Tensor
+
+
+class BatchSteerer:
+    """Applies per-row specs to one batch of hook activations. One spec broadcasts to any batch."""
+
+    def __init__(self, view: SAEView | None, specs: Sequence[SteeringSpec], device: str | torch.device = "cpu"):
+        if not specs:
+            raise SaealignError("no steering spec given; fix: pass one spec per prompt (or one for all)")
+        self.specs = list(specs)
+        self.view = view
+        self.device = torch.device(device)
+        sae_rows = [i for i, s in enumerate(self.specs) if s.needs_sae]
+        self.active = bool(sae_rows)
+        if not self.active:
+            return
+        if view is None:
+            raise SaealignError("these steering specs need an SAE; fix: pass the SAE the scores were computed with")
+        for spec in self.specs:
+            spec.check_fits(view.d_sae)
+        self._build(view, [self.specs[i] for i in sae_rows], sae_rows)
+
+    def _build(self, view: SAEView, specs: list[SteeringSpec], sae_rows: list[int]) -> None:
+        dev, d = self.device, view.d_sae
+        self.sae_rows = torch.tensor(sae_rows, dtype=torch.long, device=dev)
+        self.all_rows = len(sae_rows) == len(self.specs)
+        ones = torch.ones(d)
+        true = [torch.nan_to_num(s.scores, nan=0.0) if s.scores is not None else ones for s in specs]
+        self.true_scores = torch.stack(true).to(dev)[:, None, :]  # [R, 1, d]
+        self.measured = torch.tensor([s.scores is not None for s in specs], device=dev)
+        self.modifies = torch.tensor([s.method != "orig" for s in specs], device=dev)
+        self.any_modifies = bool(self.modifies.any())
+        self.keep_error = torch.tensor([[[float(s.keep_error and s.method != "orig")]] for s in specs], device=dev)
+        self.any_keep_error = bool(self.keep_error.any())
+        self.include_first = torch.tensor([s.include_first for s in self.specs], device=dev)
+        self.groups: list[_Group] = []
+        for method in METHODS[1:]:
+            idx = [i for i, s in enumerate(specs) if s.method == method]
+            if idx:
+                self.groups.append(self._group(method, idx, specs, d))
+
+    def _group(self, method: str, idx: list[int], specs: list[SteeringSpec], d: int) -> _Group:
+        dev = self.device
+        eff = [effective_scores(specs[i]) for i in idx]
+        scores = torch.stack([e if e is not None else torch.ones(d) for e in eff]).to(dev)[:, None, :]
+        group = _Group(method, torch.tensor(idx, dtype=torch.long, device=dev), scores)
+        if method == "clamp":
+            sel = [specs[i] for i in idx]
+            group.clamp_mask = torch.stack([clamp_mask(s.scores, s.clamp_k) for s in sel]).to(dev)[:, None, :]  # type: ignore[arg-type]
+            group.mult = torch.tensor([s.clamp_factor if s.clamp_mode == "multiply" else 1.0 for s in sel], device=dev)
+            group.add = torch.tensor([s.clamp_factor if s.clamp_mode == "add" else 0.0 for s in sel], device=dev)
+            group.mult, group.add = group.mult[:, None, None], group.add[:, None, None]
+        return group
+
+    def check_batch(self, batch: int) -> None:
+        if len(self.specs) not in (1, batch):
+            raise SaealignError(f"{len(self.specs)} steering specs for a batch of {batch}; fix: one per row or one")
+
+    def _intervene(self, gamma: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        if not self.groups:  # only measuring rows (orig with scores)
+            return acts
+        if len(self.groups) == 1 and (len(self.specs) == 1 or len(self.groups[0].rows) == gamma.shape[0]):
+            return self._apply_group(self.groups[0], gamma, acts)
+        new = acts.clone()
+        for g in self.groups:
+            new[g.rows] = self._apply_group(g, gamma[g.rows], acts[g.rows])
+        return new
+
+    def _apply_group(self, g: _Group, gamma: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+        assert self.view is not None
+        if g.method == "sae":
+            return acts
+        if g.method == "clamp":
+            assert g.clamp_mask is not None and g.mult is not None and g.add is not None
+            return clamp_acts(acts, g.clamp_mask, g.mult, g.add)
+        if g.method == "swap":
+            return swap_acts(self.view, gamma, acts, g.scores)
+        return weight_acts(self.view, gamma, g.scores)
+
+    def apply(
+        self, x: torch.Tensor, real: torch.Tensor, protected: torch.Tensor
+    ) -> tuple[torch.Tensor, StepStats | None]:
+        """Steer x [B, S, D]; ``real`` [B, S] marks non-padding, ``protected`` [B, S] the first
+        position and special tokens. Returns the new activations and the step's statistics."""
+        self.check_batch(x.shape[0])
+        if not self.active:
+            return x, None
+        assert self.view is not None
+        include = self.include_first if len(self.specs) == x.shape[0] else self.include_first.expand(x.shape[0])
+        steer = real & (include[:, None] | ~protected)
+        rows = None if (self.all_rows or len(self.specs) == 1) else self.sae_rows
+        xs = x if rows is None else x.index_select(0, rows)
+        st = steer if rows is None else steer.index_select(0, rows)
+        gamma = self.view.pre(xs)
+        acts = self.view.act(gamma)
+        new_acts = self._intervene(gamma, acts)
+        write = st & self.modifies[:, None]
+        if self.any_modifies:
+            x_new = self.view.decode(new_acts)
+            if self.any_keep_error:
+                x_new = x_new + self.keep_error * (xs - self.view.decode(acts))
+            out = torch.where(write[..., None], x_new.to(xs.dtype), xs)
+        else:  # only measuring
+            out = xs
+        nan = torch.full(st.shape, math.nan, device=x.device)
+        c = torch.where(st & self.measured[:, None], contamination(new_acts, self.true_scores), nan)
+        ch = torch.where(st, latents_changed(new_acts, acts).float(), nan)
+        if rows is None:
+            return out, StepStats(c, ch, write)
+        full_nan = torch.full(steer.shape, math.nan, device=x.device)
+        stats = StepStats(
+            full_nan.index_copy(0, rows, c),
+            full_nan.index_copy(0, rows, ch),
+            torch.zeros_like(steer).index_copy(0, rows, write),
+        )
+        return x.index_copy(0, rows, out), stats
+
+
+@dataclass
+class SteeringRecord:
+    """Statistics of one steered call, one :class:`StepStats` per forward (prefill first, then
+    one per decode step)."""
+
+    steps: list[StepStats] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.steps.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+
+
+def protected_positions(
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    past_len: int,
+    special_ids: torch.Tensor,
+    shape: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real, protected) [B, S] for the current chunk of a possibly KV-cached forward.
+
+    ``attention_mask`` is the 2-D mask over past + current positions (left padding allowed); the
+    first real position of a row is where its running count of real tokens is 1.
+    """
+    batch, seq = shape
+    device = input_ids.device if input_ids is not None else special_ids.device
+    if attention_mask is not None and attention_mask.dim() == 2:
+        mask = attention_mask.bool()
+        real = mask[:, -seq:]
+        first = (mask.cumsum(dim=-1)[:, -seq:] == 1) & real
+    else:
+        real = torch.ones(shape, dtype=torch.bool, device=device)
+        first = (torch.arange(seq, device=device) + past_len == 0).expand(batch, seq)
+    special = torch.isin(input_ids, special_ids) if input_ids is not None else torch.zeros_like(real)
+    return real, first | special
+
+
+def _config_special_ids(config: Any) -> list[int]:
+    ids: set[int] = set()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, name, None)
+        ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return sorted(ids)
+
+
+def special_ids_of(tokenizer: Any) -> list[int]:
+    """BOS, EOS, pad and every other special token id of a tokenizer."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids.update(getattr(tokenizer, "all_special_ids", []) or [])
+    return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face path: dispatching hooks + a ContextVar session
+
+
+@dataclass
+class _Session:
+    steerer: BatchSteerer
+    record: SteeringRecord
+    special_ids: torch.Tensor
+    base: torch.nn.Module
+    layer: torch.nn.Module
+    positions: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def capture(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not self.steerer.active:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            self.positions = None
+            return
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        shape = (int(ref.shape[0]), int(ref.shape[1]))
+        self.positions = protected_positions(ids, mask, past_len, self.special_ids.to(ref.device), shape)
+
+    def steer(self, output: Any) -> Any:
+        if not self.steerer.active:
+            return None
+        x = output[0] if isinstance(output, tuple) else output
+        if self.positions is None or self.positions[0].shape != x.shape[:2]:
+            raise SaealignError("steering hook saw a layer call without its model inputs; call the model normally")
+        new_x, stats = self.steerer.apply(x, *self.positions)
+        if stats is not None:
+            self.record.steps.append(stats)
+        return (new_x, *output[1:]) if isinstance(output, tuple) else new_x
+
+
+_ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("saealign_steering", default=None)
+_LOCK = threading.Lock()
+_INSTALLED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[Any], int]] = weakref.WeakKeyDictionary()
+
+
+def _capture_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    session = _ACTIVE.get()
+    if session is not None and session.base is module:
+        session.capture(args, kwargs)
+
+
+def _steer_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    session = _ACTIVE.get()
+    if session is not None and session.layer is module:
+        return session.steer(output)
+    return None
+
+
+@contextmanager
+def _dispatchers(base: torch.nn.Module, layer: torch.nn.Module) -> Iterator[None]:
+    """Register the dispatching hooks on first use, remove them when the last session ends."""
+    with _LOCK:
+        handles, count = _INSTALLED.get(layer, ([], 0))
+        if count == 0:
+            handles = [
+                base.register_forward_pre_hook(_capture_hook, with_kwargs=True),
+                layer.register_forward_hook(_steer_hook),
+            ]
+        _INSTALLED[layer] = (handles, count + 1)
+    try:
+        yield
+    finally:
+        with _LOCK:
+            handles, count = _INSTALLED[layer]
+            if count == 1:
+                for h in handles:
+                    h.remove()
+                del _INSTALLED[layer]
+            else:
+                _INSTALLED[layer] = (handles, count - 1)
+
+
+def hf_hook_modules(hf: Any, hook_name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base model, decoder layer) whose output is ``hook_name`` (``blocks.L.hook_resid_post``, or
+    ``blocks.L.hook_resid_pre`` for L ≥ 1)."""
+    from ops.activations import hook_layer
+
+    layer = hook_layer(hook_name)
+    if hook_name.endswith(".hook_resid_pre") and layer >= 1:
+        layer -= 1
+    elif not hook_name.endswith(".hook_resid_post"):
+        raise SaealignError(
+            f"the Hugging Face steering path supports residual-stream hooks, not '{hook_name}'; "
+            "fix: use an SAE trained at blocks.L.hook_resid_post"
+        )
+    base = getattr(hf, "model", None) or getattr(hf, "transformer", None)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if base is None or layers is None:
+        raise SaealignError(f"cannot find the decoder layers of {type(hf).__name__}; fix: use a Llama-family model")
+    if layer >= len(layers):
+        raise SAEMismatchError(f"hook '{hook_name}' is past the model's {len(layers)} layers")
+    return base, layers[layer]
+
+
+def _as_specs(specs: SteeringSpec | Sequence[SteeringSpec]) -> list[SteeringSpec]:
+    return [specs] if isinstance(specs, SteeringSpec) else list(specs)
+
+
+def make_steerer(sae: Any | None, specs: SteeringSpec | Sequence[SteeringSpec], device: Any = None) -> BatchSteerer:
+    """A :class:`BatchSteerer` for ``specs`` (one per row, or one for all) on the SAE's device."""
+    spec_list = _as_specs(specs)
+    view = SAEView.of(sae) if sae is not None and any(s.needs_sae for s in spec_list) else None
+    if device is None:
+        device = sae.W_enc.device if sae is not None else "cpu"
+    return BatchSteerer(view, spec_list, device)
+
+
+@contextmanager
+def steering_hook(
+    hf: Any,
+    sae: Any | None,
+    hook_name: str,
+    specs: SteeringSpec | Sequence[SteeringSpec],
+    special_ids: Sequence[int] | None = None,
+) -> Iterator[SteeringRecord]:
+    """Steer every forward of ``hf`` (a Hugging Face causal LM) inside the block, in this context only.
+
+    ``specs``: one per batch row, or one for all rows. Works for plain forwards, this project's
+    decode loop and ``hf.generate`` alike: positions are derived from each call's ``input_ids``,
+    2-D ``attention_mask`` (left padding) and KV cache, so decode steps are steered too.
+    ``special_ids``: token ids left untouched (default: the model config's BOS, EOS and pad).
+    Yields the call's :class:`SteeringRecord`.
+    """
+    base, layer = hf_hook_modules(hf, hook_name)
+    if special_ids is None:
+        special_ids = _config_special_ids(hf.config)
+    device = next(hf.parameters()).device
+    steerer = make_steerer(sae, specs, device)
+    record = SteeringRecord()
+    session = _Session(steerer, record, torch.tensor(list(special_ids), dtype=torch.long), base, layer)
+    with _dispatchers(base, layer):
+        token = _ACTIVE.set(session)
+        try:
+            yield record
+        finally:
+            _ACTIVE.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------
+# TransformerLens path
+
+
+def tl_steering_hook(
+    sae: Any | None,
+    specs: SteeringSpec | Sequence[SteeringSpec],
+    tokens: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    special_ids: Sequence[int] = (),
+) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], SteeringRecord]:
+    """A hook function for ``HookedTransformer.run_with_hooks`` / ``hooks(fwd_hooks=...)`` at the
+    SAE's hook, and its record.
+
+    With ``tokens`` [B, S] (one full forward) positions are taken from them as on the HF path.
+    Without tokens (e.g. TransformerLens ``generate`` with its KV cache) the hook counts
+    positions across calls: position 0 of the first call is the protected first position;
+    special tokens cannot be seen there.
+    """
+    steerer = make_steerer(sae, specs)
+    record = SteeringRecord()
+    special = torch.tensor(list(special_ids), dtype=torch.long)
+    seen = [0]
+
+    def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        shape = (int(act.shape[0]), int(act.shape[1]))
+        if tokens is not None:
+            real, protected = protected_positions(tokens, attention_mask, 0, special.to(tokens.device), shape)
+        else:
+            real, protected = protected_positions(None, None, seen[0], special.to(act.device), shape)
+            seen[0] += shape[1]
+        real, protected = real.to(act.device), protected.to(act.device)
+        new_act, stats = steerer.apply(act, real, protected)
+        if stats is not None:
+            record.steps.append(stats)
+        return new_act
+
+    return hook_fn, record

@@ -1,0 +1,460 @@
+"""Steering and steered generation on a tiny random Llama (HF + TransformerLens views) and tiny
+sae-lens SAEs built from config. No network."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ops.errors import SaealignError, SAEMismatchError
+from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, generate
+from ops.models import LanguageModel, hooked_from_llama
+from ops.steering import (
+    BatchSteerer,
+    SAEView,
+    SteeringSpec,
+    check_scores_sae,
+    contamination,
+    latents_changed,
+    steering_hook,
+    swap_acts,
+    tl_steering_hook,
+)
+
+D_MODEL, D_SAE, VOCAB, LAYER = 32, 64, 64, 1
+HOOK = f"blocks.{LAYER}.hook_resid_post"
+SPECIAL = [0, 1, 2]
+
+
+class CharTokenizer:
+    """A character tokenizer: ids 3..62, BOS 1, EOS = pad 2."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 2
+    all_special_ids = SPECIAL
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict[str, list[list[int]]]:
+        return {"input_ids": [[3 + ord(c) % 60 for c in t] for t in texts]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join("" if skip_special_tokens and i in SPECIAL else chr(97 + (i - 3) % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model() -> LanguageModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=D_MODEL,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.15,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    tl = hooked_from_llama(hf, None, 256, "cpu").eval()
+    return LanguageModel(
+        name="tiny", tokenizer=CharTokenizer(), device="cpu", prepend_bos=True, n_ctx=256, _hf=hf, _tl=tl
+    )
+
+
+def _sae(kind: str, rescale: bool = False) -> Any:
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(1)
+    if kind == "topk":
+        sae: Any = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=6, rescale_acts_by_decoder_norm=rescale))
+    elif kind == "relu":
+        sae = StandardSAE(StandardSAEConfig(d_in=D_MODEL, d_sae=D_SAE))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=D_MODEL, d_sae=D_SAE))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0 / D_MODEL**0.5)
+        sae.W_dec.copy_(sae.W_enc.T * 0.5)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.05)
+        if kind == "jumprelu":
+            sae.threshold.uniform_(0.0, 0.3)
+    sae.cfg.metadata.hook_name = HOOK
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def sae() -> Any:
+    return _sae("topk", rescale=True)
+
+
+@pytest.fixture(scope="module")
+def scores() -> torch.Tensor:
+    s = torch.rand(D_SAE, generator=torch.Generator().manual_seed(3))
+    s[::7] = float("nan")
+    return s
+
+
+def _acts(model: LanguageModel, n: int = 40) -> torch.Tensor:
+    tokens = torch.randint(3, VOCAB, (2, n), generator=torch.Generator().manual_seed(5))
+    _, cache = model.tl.run_with_cache(tokens, names_filter=HOOK)
+    return cache[HOOK]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure interventions
+
+
+@pytest.mark.parametrize(("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False)])
+def test_view_matches_sae_encode_decode(model: LanguageModel, kind: str, rescale: bool) -> None:
+    sae = _sae(kind, rescale)
+    view, x = SAEView.of(sae), _acts(model)
+    acts = view.act(view.pre(x))
+    torch.testing.assert_close(acts, sae.encode(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(view.decode(acts), sae.decode(sae.encode(x)), rtol=0, atol=1e-6)
+    assert (acts > 0).sum(-1).float().mean() > 1  # the SAE is not dead
+
+
+@pytest.mark.parametrize(("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False)])
+def test_swap_with_unit_scores_is_sae_exactly(model: LanguageModel, kind: str, rescale: bool) -> None:
+    sae = _sae(kind, rescale)
+    view, x = SAEView.of(sae), _acts(model)
+    gamma = view.pre(x)
+    acts = view.act(gamma)
+    swapped = swap_acts(view, gamma, acts, torch.ones(D_SAE))
+    assert torch.equal(swapped, acts)
+    steerer_swap = BatchSteerer(view, [SteeringSpec("swap", torch.ones(D_SAE))])
+    steerer_sae = BatchSteerer(view, [SteeringSpec("sae")])
+    real = torch.ones(x.shape[:2], dtype=torch.bool)
+    protected = torch.zeros_like(real)
+    out_swap, stats = steerer_swap.apply(x, real, protected)
+    out_sae, _ = steerer_sae.apply(x, real, protected)
+    assert torch.equal(out_swap, out_sae)
+    assert stats is not None and torch.all(stats.latents_changed == 0)
+    assert torch.all(stats.contamination == 0)  # all scores 1
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu"])
+def test_swap_keeps_active_set_size_for_relu_saes(model: LanguageModel, kind: str, scores: torch.Tensor) -> None:
+    view, x = SAEView.of(_sae(kind)), _acts(model)
+    gamma = view.pre(x)
+    acts = view.act(gamma)
+    swapped = swap_acts(view, gamma, acts, torch.nan_to_num(scores, nan=0.0))
+    k_t = (acts > 0).sum(-1)
+    candidates = (gamma * torch.nan_to_num(scores, nan=0.0) > 0).sum(-1)
+    # k_t preserved up to the number of candidates (for ReLU every candidate is already active,
+    # so Swap drops the unscored latents; JumpReLU can bring in latents below their threshold)
+    assert torch.equal((swapped > 0).sum(-1), torch.minimum(k_t, candidates))
+    assert latents_changed(swapped, acts).sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu", "jumprelu"])
+def test_clamp_changes_exactly_clamp_k_latents(model: LanguageModel, kind: str, scores: torch.Tensor) -> None:
+    view, x = SAEView.of(_sae(kind)), _acts(model)
+    real = torch.ones(x.shape[:2], dtype=torch.bool)
+    real[:, :3] = False  # padding: not steered, no stats
+    protected = torch.zeros_like(real)
+    for k in (1, 5):
+        add = BatchSteerer(view, [SteeringSpec("clamp", scores, clamp_k=k, clamp_mode="add")])
+        _, stats = add.apply(x, real, protected)
+        assert stats is not None
+        assert torch.all(stats.latents_changed[real] == k)
+        assert torch.isnan(stats.latents_changed[~real]).all()
+        mult = BatchSteerer(view, [SteeringSpec("clamp", scores, clamp_k=k)])
+        _, stats = mult.apply(x, real, protected)
+        assert stats is not None and torch.all(stats.latents_changed[real] <= k)
+
+
+def test_contamination_bounds_and_zero_over_zero(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    view, x = SAEView.of(sae), _acts(model)
+    real = torch.ones(x.shape[:2], dtype=torch.bool)
+    for method in ("sae", "clamp", "swap", "weight"):
+        _, stats = BatchSteerer(view, [SteeringSpec(method, scores)]).apply(x, real, torch.zeros_like(real))  # type: ignore[arg-type]
+        assert stats is not None
+        c = stats.contamination
+        assert torch.all((c >= 0) & (c <= 1)), method
+    assert contamination(torch.zeros(3, D_SAE), scores).eq(0).all()
+    # NaN scores count as 0: one active unscored latent is fully contaminating
+    acts = torch.zeros(D_SAE)
+    acts[0] = 2.0
+    assert float(contamination(acts, scores)) == 1.0  # scores[0] is NaN
+
+
+def test_swap_contaminates_less_than_clamp_on_random_scores(model: LanguageModel, sae: Any) -> None:
+    view, x = SAEView.of(sae), _acts(model)
+    s = torch.rand(D_SAE, generator=torch.Generator().manual_seed(9))
+    real = torch.ones(x.shape[:2], dtype=torch.bool)
+    means = {}
+    for method in ("clamp", "swap"):
+        _, stats = BatchSteerer(view, [SteeringSpec(method, s)]).apply(x, real, torch.zeros_like(real))  # type: ignore[arg-type]
+        assert stats is not None
+        means[method] = float(stats.contamination.nanmean())
+    assert means["swap"] < means["clamp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: HF forward hook == TransformerLens run_with_hooks
+
+
+def _specs(scores: torch.Tensor) -> list[SteeringSpec]:
+    return [
+        SteeringSpec("sae"),
+        SteeringSpec("sae", keep_error=True),
+        SteeringSpec("clamp", scores),
+        SteeringSpec("clamp", scores, clamp_mode="add", clamp_factor=3.0),
+        SteeringSpec("swap", scores),
+        SteeringSpec("swap", scores, keep_error=True),
+        SteeringSpec("swap", scores, strength=0.5),
+        SteeringSpec("weight", scores),
+        SteeringSpec("swap", scores, include_first=True),
+    ]
+
+
+def test_hf_hook_matches_transformer_lens(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    tokens = torch.tensor([[1, *range(5, 40)]])  # BOS first
+    plain = model.hf(tokens).logits
+    for spec in _specs(scores):
+        with steering_hook(model.hf, sae, HOOK, spec, SPECIAL) as record:
+            hf_logits = model.hf(tokens).logits
+        fn, tl_record = tl_steering_hook(sae, spec, tokens=tokens, special_ids=SPECIAL)
+        tl_logits = model.tl.run_with_hooks(tokens, fwd_hooks=[(HOOK, fn)])
+        assert (hf_logits - tl_logits).abs().max() < 1e-4, spec
+        identity = spec.method == "sae" and spec.keep_error  # x' + (x - x') = x
+        assert ((hf_logits - plain).abs().max() > 1e-3) != identity, spec
+        torch.testing.assert_close(record.steps[0].contamination, tl_record.steps[0].contamination, equal_nan=True)
+        first_same = torch.allclose(hf_logits[0, 0], plain[0, 0], atol=1e-6)
+        assert first_same != spec.include_first  # BOS/position 0 untouched unless asked
+    assert not model.hf.model.layers[LAYER]._forward_hooks  # removed on exit
+    assert not model.hf.model._forward_pre_hooks
+
+
+def test_special_tokens_inside_the_prompt_are_untouched(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    tokens = torch.tensor([[5, 6, 7, 1, 8, 9]])
+    with steering_hook(model.hf, sae, HOOK, SteeringSpec("swap", scores), SPECIAL) as record:
+        model.hf(tokens)
+    steered = record.steps[0].steered[0].tolist()
+    assert steered == [False, True, True, False, True, True]
+    assert torch.isnan(record.steps[0].contamination[0, [0, 3]]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: KV-cached decode steps are steered
+
+
+def _full_steered_argmax(
+    model: LanguageModel, sae: Any, spec: SteeringSpec, ids: list[int], banned: int | None = None
+) -> list[int]:
+    with steering_hook(model.hf, sae, HOOK, spec, SPECIAL):
+        logits = model.hf(torch.tensor([ids])).logits[0]
+    if banned is not None:
+        logits[:, banned] = -torch.inf
+    return logits.argmax(-1).tolist()
+
+
+def test_decode_steps_are_steered(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    spec = SteeringSpec("clamp", scores, clamp_mode="add", clamp_factor=4.0)
+    params = SamplingParams(max_new_tokens=24, greedy=True, stop_at_eos=False)
+    prompt = "the patient was"
+    res = generate(model, sae, [prompt], spec, params=params)[0]
+    plain = generate(model, None, [prompt], None, params=params)[0]
+    assert res.token_ids != plain.token_ids
+    prompt_ids = res.prompt_token_ids
+    full = prompt_ids + res.token_ids
+    # Greedy consistency: a full (uncached) steered forward predicts every generated token.
+    argmax = _full_steered_argmax(model, sae, spec, full)
+    assert argmax[len(prompt_ids) - 1 : -1] == res.token_ids
+    assert all(n == spec.clamp_k for n in res.latents_changed)
+    # Negative control: a hook that steers only the prefill fails the same check.
+    prefill_only = _prefill_only_greedy(model, sae, spec, prompt_ids, 24)
+    assert _full_steered_argmax(model, sae, spec, prompt_ids + prefill_only)[len(prompt_ids) - 1 : -1] != prefill_only
+
+
+def _prefill_only_greedy(model: LanguageModel, sae: Any, spec: SteeringSpec, ids: list[int], n: int) -> list[int]:
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.hf.config)
+    with steering_hook(model.hf, sae, HOOK, spec, SPECIAL):
+        out = model.hf(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model.hf(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def test_hf_generate_is_steered_too(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    spec = SteeringSpec("weight", scores)
+    ids = torch.tensor([[1, 10, 11, 12]])
+    with steering_hook(model.hf, sae, HOOK, spec, SPECIAL) as record:
+        out = model.hf.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert len(record.steps) == 6  # prefill + 5 cached steps
+    assert all(bool(s.steered.all()) for s in record.steps[1:])
+    gen = out[0, 4:].tolist()
+    # min_new_tokens bans EOS during generation: ban it in the reference too
+    assert _full_steered_argmax(model, sae, spec, out[0].tolist(), banned=2)[3:-1] == gen
+
+
+def test_transformer_lens_generate_with_position_counting_hook(
+    model: LanguageModel, sae: Any, scores: torch.Tensor
+) -> None:
+    spec = SteeringSpec("swap", scores)
+    params = SamplingParams(max_new_tokens=10, greedy=True, stop_at_eos=False)
+    ours = generate(model, sae, ["the heart"], spec, params=params)[0]
+    fn, record = tl_steering_hook(sae, spec)  # no tokens: counts positions across cached calls
+    tokens = torch.tensor([ours.prompt_token_ids])
+    with model.tl.hooks(fwd_hooks=[(HOOK, fn)]):
+        out = model.tl.generate(tokens, max_new_tokens=10, do_sample=False, stop_at_eos=False, verbose=False)
+    gen = out[0, tokens.shape[1] :].tolist()
+    # the counting hook cannot see special tokens: compare up to the first one generated
+    first_special = next((i for i, t in enumerate(ours.token_ids) if t in SPECIAL), len(gen) - 1)
+    assert gen[: first_special + 1] == ours.token_ids[: first_special + 1]
+    assert len(record.steps) == 10 and bool(record.steps[1].steered.all())
+
+
+def test_batch_with_left_padding_and_per_row_specs(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    prompts = ["a long prompt about the heart", "short", "a mid prompt", "the lungs"]
+    specs = [
+        SteeringSpec("orig"),
+        SteeringSpec("swap", scores),
+        SteeringSpec("clamp", scores, clamp_mode="add"),
+        SteeringSpec("orig", scores),
+    ]
+    params = SamplingParams(max_new_tokens=12, seed=7)
+    batched = generate(model, sae, prompts, specs, params=params, batch_size=4)
+    for prompt, spec, row in zip(prompts, specs, batched, strict=True):
+        alone = generate(model, sae, [prompt], spec, params=params)[0]
+        assert row.token_ids == alone.token_ids
+        np.testing.assert_allclose(row.contamination, alone.contamination, atol=1e-4)
+        assert row.method == spec.method
+    assert np.isnan(batched[0].contamination).all()  # orig without scores: not measured
+    assert not np.isnan(batched[3].contamination).any()  # orig with scores: measured
+    assert batched[3].latents_changed == [0.0] * len(batched[3].token_ids)
+    assert np.isnan(batched[1].prompt_contamination[0])  # BOS untouched
+
+
+def test_sampling_is_seeded(model: LanguageModel) -> None:
+    a = generate(model, None, ["hello"], params=SamplingParams(max_new_tokens=16, seed=1))[0]
+    b = generate(model, None, ["hello"], params=SamplingParams(max_new_tokens=16, seed=1))[0]
+    c = generate(model, None, ["hello"], params=SamplingParams(max_new_tokens=16, seed=2))[0]
+    assert a.token_ids == b.token_ids != c.token_ids
+    assert len(a.token_ids) <= 16 and a.timings["s_per_token"] > 0
+    rows = generate(model, None, ["hello"] * 2, params=SamplingParams(max_new_tokens=16), seeds=[1, 2])
+    assert [r.token_ids for r in rows] == [a.token_ids, c.token_ids]  # per-row seeds, batch-independent
+
+
+def test_concurrent_generations_do_not_leak(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    params = SamplingParams(max_new_tokens=20, greedy=True, stop_at_eos=False)
+    specs = [SteeringSpec("orig"), SteeringSpec("clamp", scores, clamp_mode="add", clamp_factor=4.0)]
+    expected = [generate(model, sae, ["the heart"], s, params=params)[0].token_ids for s in specs]
+    assert expected[0] != expected[1]
+    got: dict[int, list[list[int]]] = {0: [], 1: []}
+    barrier = threading.Barrier(2)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        for _ in range(3):
+            got[i].append(generate(model, sae, ["the heart"], specs[i], params=params)[0].token_ids)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == [expected[0]] * 3
+    assert got[1] == [expected[1]] * 3
+    assert not model.hf.model.layers[LAYER]._forward_hooks
+
+
+def test_orig_only_batch_never_encodes() -> None:
+    steerer = BatchSteerer(None, [SteeringSpec("orig"), SteeringSpec("orig")])
+    x = torch.randn(2, 3, D_MODEL)
+    out, stats = steerer.apply(x, torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3, dtype=torch.bool))
+    assert out is x and stats is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_spec_validation(scores: torch.Tensor) -> None:
+    with pytest.raises(SaealignError, match="unknown steering method"):
+        SteeringSpec("steer")  # type: ignore[arg-type]
+    with pytest.raises(SaealignError, match="needs topic scores"):
+        SteeringSpec("swap")
+    with pytest.raises(SaealignError, match=r"\[0, 1\]"):
+        SteeringSpec("swap", torch.full((D_SAE,), 1.5))
+    with pytest.raises(SaealignError, match="clamp_k"):
+        SteeringSpec("clamp", scores, clamp_k=0)
+    with pytest.raises(SaealignError, match="strength applies"):
+        SteeringSpec("clamp", scores, strength=0.5)
+    with pytest.raises(SAEMismatchError, match="scores have 10 latents"):
+        SteeringSpec("swap", torch.zeros(10)).check_fits(D_SAE)
+    with pytest.raises(SAEMismatchError, match="scored with SAE 'other'"):
+        check_scores_sae("other", "default")
+
+
+def test_generation_errors(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    with pytest.raises(SaealignError, match="prompt 1 is empty"):
+        generate(model, sae, ["ok", "  "], SteeringSpec("swap", scores))
+    with pytest.raises(SaealignError, match="no prompts"):
+        generate(model, sae, [], SteeringSpec("swap", scores))
+    for n in (0, -3, MAX_NEW_TOKENS_LIMIT + 1):
+        with pytest.raises(SaealignError, match="max_new_tokens"):
+            SamplingParams(max_new_tokens=n)
+    with pytest.raises(SaealignError, match="allows"):
+        generate(model, sae, ["x" * 250], params=SamplingParams(max_new_tokens=10))
+    with pytest.raises(SAEMismatchError, match="latents but the SAE has"):
+        generate(model, sae, ["ok"], SteeringSpec("swap", torch.zeros(D_SAE + 1)))
+    with pytest.raises(SaealignError, match="2 steering specs for 1 prompts"):
+        generate(model, sae, ["ok"], [SteeringSpec("sae"), SteeringSpec("sae")])
+    with pytest.raises(SaealignError, match="need an SAE"):
+        generate(model, None, ["ok"], SteeringSpec("sae"), hook_name=HOOK)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI job's config and score loading (no model needed)
+
+
+def test_generate_config_validation() -> None:
+    from workflows._config import parse_config
+    from workflows.generate import GenerateConfig
+
+    cfg = parse_config(GenerateConfig, ["--prompt", "a", "b", "--topic", "medical", "--compare"], "t")
+    assert cfg.prompt == ("a", "b") and cfg.methods() == ["orig", "swap"]
+    assert cfg.spec("orig", None).method == "orig"
+    for argv, match in (
+        (["--method", "nope"], "unknown --method"),
+        (["--method", "clamp"], "needs topic scores"),
+        (["--method", "orig", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["--method", "orig", "--max-new-tokens", "100000"], "max_new_tokens"),
+        (["--topic", "medical", "--scores-file", "x.npy"], "either --topic or --scores-file"),
+    ):
+        with pytest.raises(SaealignError, match=match):
+            parse_config(GenerateConfig, argv, "t")
+
+
+def test_generate_rejects_topic_scored_with_another_sae(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import ops.scoring
+    from workflows.generate import GenerateConfig, load_scores, read_prompts
+
+    (tmp_path / "cfg.json").write_text("{}")
+    meta = {"sae": "some_other_sae", "model": "smollm2-135m", "hook": HOOK}
+    monkeypatch.setattr(ops.scoring, "topic_scores", lambda lake, topic, dataset=None: (np.zeros(D_SAE), meta))
+    cfg = GenerateConfig(prompt=("hi",), topic="medical", sae=str(tmp_path))
+    with pytest.raises(SAEMismatchError, match="scored with SAE 'some_other_sae'"):
+        load_scores(cfg, None)
+    with pytest.raises(SaealignError, match="prompt 0 is empty"):
+        read_prompts(GenerateConfig(prompt=("",), method=("orig",)))
+    with pytest.raises(SaealignError, match="no prompts"):
+        read_prompts(GenerateConfig(method=("orig",)))
