@@ -90,17 +90,22 @@ def main() -> None:
         plain_s, tokens = plain_loop(texts, hook, args.context, 4096)
         with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
             t0 = time.perf_counter()
-            manifest = build(BuildLakeConfig(lake=tmp, sae=args.sae, pool=(spec,), context=args.context,
-                                             workers=args.workers))
+            manifest = build(
+                BuildLakeConfig(lake=tmp, sae=args.sae, pool=(spec,), context=args.context, workers=args.workers)
+            )
             lake_s = time.perf_counter() - t0
         n = manifest["rows"]["prompts"]
         rows.append((size, n, tokens, plain_s, lake_s, rss.peak))
     print(f"machine: {os.cpu_count()} CPUs; hook {hook}; SAE {args.sae}")
-    print(f"{'pool':>6} {'tokens':>8} {'plain tok/s':>11} {'lake tok/s':>10} {'lake prompt/s':>13} "
-          f"{'ratio':>6} {'lake wall':>9} {'peak RSS':>9}")
+    print(
+        f"{'pool':>6} {'tokens':>8} {'plain tok/s':>11} {'lake tok/s':>10} {'lake prompt/s':>13} "
+        f"{'ratio':>6} {'lake wall':>9} {'peak RSS':>9}"
+    )
     for size, n, tokens, plain_s, lake_s, peak in rows:
-        print(f"{size:>6} {tokens:>8} {tokens / plain_s:>11.0f} {tokens / lake_s:>10.0f} {n / lake_s:>13.1f} "
-              f"{plain_s / lake_s:>6.2f} {lake_s / 60:>7.1f}m {peak / 2**30:>7.2f}G")
+        print(
+            f"{size:>6} {tokens:>8} {tokens / plain_s:>11.0f} {tokens / lake_s:>10.0f} {n / lake_s:>13.1f} "
+            f"{plain_s / lake_s:>6.2f} {lake_s / 60:>7.1f}m {peak / 2**30:>7.2f}G"
+        )
     print("paper (V100, TransformerLens): set-up 12.4 min for 8K prompts")
 
 

@@ -41,7 +41,7 @@ def test_tiny_sae_trains_saves_and_reloads(tmp_path: Path) -> None:
 def test_bad_input(tmp_path: Path) -> None:
     with pytest.raises(SaealignError, match="d-sae must be positive"):
         TrainSAEConfig(d_sae=0)
-    with pytest.raises(SaealignError, match="no hook 'blocks.99.hook_resid_post'"):
+    with pytest.raises(SaealignError, match=r"no hook .blocks\.99\.hook_resid_post."):
         build(
             TrainSAEConfig(
                 out=str(tmp_path / "a"),

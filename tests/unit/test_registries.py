@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from ops import models
-from ops.errors import ModelNotFoundError, SAEMismatchError, SaealignError
+from ops.errors import ModelNotFoundError, SaealignError, SAEMismatchError
 from ops.models import LanguageModel
 from ops.saes import check_sae_fits, resolve_sae_path
 from tests.conftest import make_topk_sae
@@ -54,7 +54,7 @@ def test_sae_with_wrong_d_in_is_refused() -> None:
 
 def test_sae_with_unknown_hook_is_refused() -> None:
     sae = make_topk_sae(32, 64, 4, "blocks.9.hook_resid_post")
-    with pytest.raises(SAEMismatchError, match="no hook 'blocks.9.hook_resid_post'"):
+    with pytest.raises(SAEMismatchError, match=r"no hook .blocks\.9\.hook_resid_post."):
         check_sae_fits(sae, _tiny_model(32))
     assert check_sae_fits(make_topk_sae(32, 64, 4, "blocks.1.hook_resid_post"), _tiny_model(32)) == (
         "blocks.1.hook_resid_post"
@@ -62,7 +62,7 @@ def test_sae_with_unknown_hook_is_refused() -> None:
 
 
 def test_missing_sae_directory(tmp_path: object) -> None:
-    with pytest.raises(SaealignError, match="cfg.json missing"):
+    with pytest.raises(SaealignError, match=r"cfg\.json missing"):
         resolve_sae_path(str(tmp_path))
 
 
