@@ -13,6 +13,9 @@ import numpy as np
 import pyarrow as pa
 
 
+POOL_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)  # 2^7 … 2^13, as in the paper
+
+
 @dataclass(frozen=True)
 class CoveragePoint:
     size: int
@@ -25,7 +28,7 @@ class CoveragePoint:
 def coverage_curve(
     activations: pa.Table,
     d_sae: int,
-    sizes: Sequence[int] = tuple(2**e for e in range(7, 14)),
+    sizes: Sequence[int] = POOL_SIZES,
     samples: int = 5,
     thresholds: Sequence[int] = (1, 20),
     seed: int = 0,

@@ -278,6 +278,7 @@ def _load_transformer_lens(name: str, device: str) -> LanguageModel:
 
         return AutoModelForCausalLM.from_pretrained(official, dtype=torch.float32)
 
+    assert tl.tokenizer is not None, "TransformerLens models loaded by name carry their tokenizer"
     return LanguageModel(
         name=name,
         tokenizer=tl.tokenizer,

@@ -52,7 +52,7 @@ def _next_token_loss(model: LanguageModel, resid: torch.Tensor, batch: TokenBatc
 @torch.no_grad()
 def _reconstruction(
     model: LanguageModel, sae: Any, hook: str, texts: Sequence[str], context: int, batch_tokens: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     sse = sum_sq = l0 = 0.0
     n = 0
     mean_acc = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
@@ -79,7 +79,7 @@ def _reconstruction(
 @torch.no_grad()
 def _ce(
     model: LanguageModel, sae: Any, hook: str, texts: Sequence[str], context: int, batch_tokens: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     start = hook_layer(hook) + 1
     totals = torch.zeros(3, dtype=torch.float64)
     n_tokens = 0
