@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-
 POOL_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)  # 2^7 … 2^13, as in the paper
 
 
