@@ -64,7 +64,10 @@ def _score_step(cfg: DemoConfig, lake_dir: str) -> dict[str, Any]:
 
 def build(cfg: DemoConfig) -> dict[str, Any]:
     if not (DEFAULT_SAE_DIR / "cfg.json").is_file():
-        raise SaealignError(f"the default SAE is missing from {DEFAULT_SAE_DIR}; fix: reinstall saealign")
+        raise SaealignError(
+            f"the default SAE is missing from {DEFAULT_SAE_DIR}; fix: train it with the command in the "
+            "README (section 'Retraining the default SAE'), or reinstall a saealign that ships it"
+        )
     wall = time.perf_counter()
     lake_dir = str(Path(cfg.out) / "lake")
     costs = _lake_step(cfg, lake_dir)
