@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,7 @@ def main() -> None:
     for _ in range(args.repeats):  # round-robin, so that load drift hits every case alike
         for label, _, fn in cases:
             times[label].append(_time(fn, 1))
+            print(f"  {label}: {times[label][-1]:.1f}s", file=sys.stderr, flush=True)
     rows += [(label, batch, statistics.median(times[label])) for label, batch, _ in cases]
     if not args.skip_tl:
         model.tl  # noqa: B018 - build the TransformerLens view outside the timed region

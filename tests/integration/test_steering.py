@@ -79,25 +79,49 @@ def _tokens(model: Any, text: str) -> torch.Tensor:
 def test_hf_hook_and_run_with_hooks_agree_per_method(
     embedded_model: Any, sae: Any, hook: str, medical_scores: torch.Tensor
 ) -> None:
+    """Same steered activations at the hook and same logits, HF forward hook vs run_with_hooks.
+
+    The two views of the model already differ by ~3e-5 in logits (~6e-5 at the layer-6 residual).
+    ``weight`` shrinks the residual to a fraction of its norm, and the later RMSNorms amplify that
+    base mismatch: on this prompt its logits differ by ~1.05e-3 with identical latent selections
+    and steered activations equal to ~1e-5, so its logit bound is 2e-3; every other method: 1e-3.
+    """
     tokens = _tokens(embedded_model, "The patient was admitted to the hospital with chest pain because")
     special = special_ids_of(embedded_model.tokenizer)
     specs = [
+        SteeringSpec("orig", medical_scores),
         SteeringSpec("sae"),
         SteeringSpec("clamp", medical_scores),
+        SteeringSpec("clamp", medical_scores, clamp_mode="add"),
         SteeringSpec("swap", medical_scores),
         SteeringSpec("swap", medical_scores, keep_error=True),
         SteeringSpec("weight", medical_scores),
     ]
+    layer = embedded_model.hf.model.layers[int(hook.split(".")[1])]
+    seen: dict[str, Any] = {}
+
+    def grab_hf(module: Any, args: Any, out: Any) -> None:  # registered after the steering hook
+        seen["hf"] = out[0] if isinstance(out, tuple) else out
+
+    def grab_tl(act: torch.Tensor, hook: Any) -> None:
+        seen["tl"] = act
+
     with torch.no_grad():
         plain = embedded_model.hf(tokens).logits
         for spec in specs:
             with steering_hook(embedded_model.hf, sae, hook, spec, special):
-                hf_logits = embedded_model.hf(tokens).logits
+                handle = layer.register_forward_hook(grab_hf)
+                try:
+                    hf_logits = embedded_model.hf(tokens).logits
+                finally:
+                    handle.remove()
             fn, _ = tl_steering_hook(sae, spec, tokens=tokens, special_ids=special)
-            tl_logits = embedded_model.tl.run_with_hooks(tokens, fwd_hooks=[(hook, fn)])
+            tl_logits = embedded_model.tl.run_with_hooks(tokens, fwd_hooks=[(hook, fn), (hook, grab_tl)])
+            assert (seen["hf"] - seen["tl"]).abs().max().item() <= 1e-3, spec.method  # residual norms ~100
             diff = (hf_logits - tl_logits).abs().max().item()
-            assert diff <= 1e-3, (spec.method, diff)
-            assert (hf_logits - plain).abs().max().item() > 1e-2, spec.method
+            assert diff <= (2e-3 if spec.method == "weight" else 1e-3), (spec.method, diff)
+            changed = (hf_logits - plain).abs().max().item() > 1e-2
+            assert changed == (spec.method != "orig"), spec.method
 
 
 def test_swap_with_unit_scores_reproduces_sae(embedded_model: Any, sae: Any, hook: str) -> None:

@@ -19,14 +19,16 @@ def test_tiny_sae_trains_saves_and_reloads(tmp_path: Path) -> None:
         sources=("embedded:pool#:60",),
         eval_holdout=10,
         ce_texts=10,
-        batch_size=128,
-        epochs=4,
+        batch_size=32,
+        epochs=8,
         context=64,
     )
     result = build(cfg)
     losses = result["losses"]
-    assert len(losses) >= 8
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    # per-batch MSE is noisy (a few high-norm tokens dominate a batch): compare 20-step means
+    assert len(losses) >= 100
+    assert sum(losses[-20:]) / 20 < 0.8 * sum(losses[:20]) / 20
+    assert result["explained_variance"] > 0
     sae = SAE.load_from_disk(tmp_path / "sae")
     x = torch.randn(5, 576)
     acts = sae.encode(x)
