@@ -59,7 +59,8 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], tp: A
     default = f.default if f.default is not dataclasses.MISSING else None
     if f.default_factory is not dataclasses.MISSING:
         default = f.default_factory()
-    kwargs: dict[str, Any] = {"help": f"{doc} (default: {default!r})" if not positional else doc}
+    text = f"{doc} (default: {default!r})" if not positional else doc
+    kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}  # argparse %-formats help strings
     if not positional:
         kwargs["dest"] = f.name
         kwargs["default"] = default

@@ -55,3 +55,12 @@ def test_config_cli_uses_field_docstrings_and_types() -> None:
     assert cfg == _Cfg(name="x", count=5, mode="b", items=("q", "r"), flag=True)
     with pytest.raises(SystemExit):
         parse_config(_Cfg, ["--mode", "c"], "t")
+
+
+@pytest.mark.parametrize("job", sorted(JOBS))
+def test_every_job_prints_its_help(job: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse %-formats help strings: a docstring with a bare "%" once crashed --help
+    with pytest.raises(SystemExit) as exit_info:
+        main([job, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
