@@ -178,7 +178,13 @@ def train_sae(
     (the total loss also holds auxiliary terms, e.g. TopK's AuxK on dead latents, that grow as
     latents die).
 
-    Learning rate: 5 % linear warm-up, then cosine decay to 10 % (sae-lens schedulers)."""
+    Learning rate: 5 % linear warm-up, then cosine decay to 10 % (sae-lens schedulers).
+
+    Before the first step the input scale and the decoder bias are set from the data: the scale
+    brings activations to mean norm sqrt(d_in) (sae-lens's ``expected_average_only_in``), and
+    ``b_dec`` starts at the scaled mean activation. Residual streams carry a large shared
+    direction (SmolLM2's layer 6 mean has ~70 % of the mean norm); with ``b_dec`` at zero the
+    latents aligned with it fire on every token and most of the others never fire."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -204,5 +210,25 @@ def train_sae(
             losses.append(float(out.losses.get("mse_loss", out.loss).detach()))
             return out
 
-    _Trainer(cfg, sae, batches).fit()
+    trainer = _Trainer(cfg, sae, batches)
+    if sae.cfg.normalize_activations == "expected_average_only_in":
+        scale, mean = _scale_and_mean(batches, sae.cfg.d_in, cfg.n_batches_for_norm_estimate)
+        trainer.activation_scaler.scaling_factor = scale
+        with torch.no_grad():
+            sae.b_dec.copy_((mean * scale).to(sae.b_dec))
+    trainer.fit()
     return losses
+
+
+@torch.no_grad()
+def _scale_and_mean(batches: Iterator[torch.Tensor], d_in: int, n_batches: int) -> tuple[float, torch.Tensor]:
+    """sae-lens's input scale (sqrt(d_in) / mean norm) and the mean activation, from ``n_batches``."""
+    norm_sum, total, count = 0.0, torch.zeros(d_in, dtype=torch.float64), 0
+    for _, batch in zip(range(n_batches), batches, strict=False):
+        batch = batch.double()
+        norm_sum += float(batch.norm(dim=-1).sum())
+        total += batch.sum(dim=0).cpu()
+        count += len(batch)
+    if count == 0:
+        raise SaealignError("no activations to train on; fix: pass non-empty texts")
+    return d_in**0.5 / (norm_sum / count), (total / count).float()
