@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,25 @@ class SamplingParams:
             raise SaealignError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise SaealignError(f"temperature must be positive, got {self.temperature}; fix: use --greedy for 0")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One decode step, reported to ``generate(on_token=...)`` as soon as its tokens are sampled."""
+
+    step: int
+    """Index of the generated token (0 = the first new token)."""
+    rows: tuple[int, ...]
+    """Prompt indices (into ``generate``'s ``prompts``) of the batch this step belongs to."""
+    token_ids: tuple[int, ...]
+    """One sampled id per row of the batch (the pad id for rows that had already finished)."""
+    contamination: tuple[float, ...]
+    """Per row, of the steered activation that produced the token; NaN where not measured."""
+    latents_changed: tuple[float, ...]
+
+
+TokenCallback = Callable[[TokenEvent], None]
+"""Called once per decode step; an exception raised in it stops the generation (e.g. a client left)."""
 
 
 @dataclass
@@ -205,9 +224,11 @@ def decode_loop(
     eos_ids: Sequence[int],
     pad_id: int,
     seeds: Sequence[int] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Prefill + KV-cached decode. Returns generated ids [B, T], a done-before mask [B, T] (True
-    where the row had already finished), and timings. ``seeds``: one per row (default params.seed)."""
+    where the row had already finished), and timings. ``seeds``: one per row (default params.seed).
+    ``on_step(step, ids [B])`` runs right after each step's tokens are sampled."""
     from transformers import DynamicCache
 
     device = batch.input_ids.device
@@ -236,6 +257,8 @@ def decode_loop(
         dead.append(finished.clone())
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
+        if on_step is not None:
+            on_step(step, nxt)
         if params.stop_at_eos:
             finished = finished | torch.isin(nxt, eos)
         if step == params.max_new_tokens - 1 or bool(finished.all()):
@@ -270,6 +293,7 @@ def generate(
     params: SamplingParams | None = None,
     batch_size: int = 8,
     seeds: Sequence[int] | None = None,
+    on_token: TokenCallback | None = None,
 ) -> list[GenerationResult]:
     """Generate a continuation of every prompt, each row steered by its spec.
 
@@ -277,6 +301,7 @@ def generate(
     ``sae``: the SAE the specs (and their scores) belong to; may be None when no spec needs it.
     ``seeds``: a sampling seed per prompt (default: ``params.seed`` for every row).
     Prompts run in batches of ``batch_size`` (left padding); results come back in prompt order.
+    ``on_token``: called with a :class:`TokenEvent` at every decode step (streaming).
     """
     params = params or SamplingParams()
     check_prompts(prompts)
@@ -296,7 +321,16 @@ def generate(
         stop = min(start + batch_size, len(prompts))
         row_specs = spec_list[start:stop] if spec_list is not None else None
         results += _generate_batch(
-            model, sae, hook, prompts[start:stop], ids[start:stop], row_specs, params, row_seeds[start:stop]
+            model,
+            sae,
+            hook,
+            prompts[start:stop],
+            ids[start:stop],
+            row_specs,
+            params,
+            row_seeds[start:stop],
+            on_token,
+            start,
         )
     return results
 
@@ -335,18 +369,33 @@ def _generate_batch(
     specs: list[SteeringSpec] | None,
     params: SamplingParams,
     seeds: list[int],
+    on_token: TokenCallback | None = None,
+    first_row: int = 0,
 ) -> list[GenerationResult]:
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
     batch = left_pad(ids, pad_id, model.device)
     record = SteeringRecord()
+    rows = tuple(range(first_row, first_row + len(ids)))
+
+    def on_step(step: int, nxt: torch.Tensor) -> None:
+        assert on_token is not None
+        nan = (math.nan,) * len(rows)
+        c, ch = nan, nan
+        if record.steps:  # the forward that produced these tokens: its last position
+            last = record.steps[-1]
+            c = tuple(float(v) for v in last.contamination[:, -1].tolist())
+            ch = tuple(float(v) for v in last.latents_changed[:, -1].tolist())
+        on_token(TokenEvent(step, rows, tuple(int(t) for t in nxt.tolist()), c, ch))
+
+    callback = on_step if on_token is not None else None
     if specs is None:
-        gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds)
+        gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, callback)
     else:
         assert hook is not None
         with steering_hook(model.hf, sae, hook, specs, special_ids_of(tok)) as record:
-            gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds)
+            gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, callback)
     stats = _row_stats(record, batch, gen.shape[1])
     return [
         _result(model, prompts[i], ids[i], gen[i], dead[i], specs[i] if specs else SteeringSpec(), stats, i, timings)

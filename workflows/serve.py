@@ -24,8 +24,8 @@ waits for its semaphore), so with one batch running at a time the batches stay s
 (measured: mean 3.4 rows of 8 with 16 busy clients); the Batcher forms each batch when the
 engine is free, from every row waiting then.
 
-Streaming runs one request in a thread and observes each decode step of the same ``generate``
-call (see :class:`_TokenTap`), so tokens are sent as they are produced, with their contamination.
+Streaming runs one request in a thread and passes ``generate`` an ``on_token`` callback, so each
+token is sent as soon as it is sampled, with the contamination of the step that produced it.
 
 Run it: ``saealign serve --lake out/demo/lake`` (binds 127.0.0.1:8000), or
 ``serve run cluster/serve.yaml`` (``import_path: workflows.serve:app`` with typed ``args``).
@@ -48,7 +48,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -60,9 +60,9 @@ from ray import serve
 from ray.serve import Application
 
 from ops.errors import SaealignError
-from ops.generation import GenerationResult, SamplingParams, generate
+from ops.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
 from ops.lake import Lake
-from ops.models import LanguageModel, load_model
+from ops.models import load_model
 from ops.saes import load_sae, sae_id
 from ops.scoring import (
     dataset_key,
@@ -203,60 +203,6 @@ class Topic:
 
 class _Cancelled(Exception):
     """Raised inside a streaming generation whose client went away."""
-
-
-class _TokenTap:
-    """Wraps ``model.hf``: each decode forward of :func:`ops.generation.decode_loop` receives the
-    token sampled by the previous step, so calling ``on_token(step, ids [B])`` there reports every
-    token as it is produced (the last one is reported from the final result by the caller).
-    Every other attribute is the wrapped model's, so the steering hook installs on the real one.
-    """
-
-    def __init__(self, hf: Any, on_token: Callable[[int, list[int]], None], cancelled: threading.Event) -> None:
-        self._hf = hf
-        self._on_token = on_token
-        self._cancelled = cancelled
-        self._calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._cancelled.is_set():
-            raise _Cancelled
-        if self._calls > 0:
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is not None:
-                self._on_token(self._calls - 1, [int(t) for t in ids[:, -1].tolist()])
-        self._calls += 1
-        return self._hf(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._hf, name)
-
-
-class _TappedModel:
-    """A :class:`LanguageModel` whose ``hf`` is a :class:`_TokenTap` (all else delegated)."""
-
-    def __init__(self, model: LanguageModel, hf: _TokenTap) -> None:
-        self._model = model
-        self.hf = hf
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
-
-
-def _step_stats() -> tuple[float | None, float | None]:
-    """(contamination, latents changed) of the last position of the last steered forward of the
-    current steering session, if any (the stats of the token just sampled)."""
-    try:  # reads ops.steering's private session (see the report: a public per-step hook is wanted)
-        from ops.steering import _ACTIVE
-
-        session = _ACTIVE.get()
-        if session is None or not session.record.steps:
-            return None, None
-        step = session.record.steps[-1]
-        c, ch = float(step.contamination[0, -1]), float(step.latents_changed[0, -1])
-    except (ImportError, AttributeError, IndexError):  # pragma: no cover - internals changed
-        return None, None
-    return (None if math.isnan(c) else c), (None if math.isnan(ch) else ch)
 
 
 class IncrementalText:
@@ -438,9 +384,11 @@ class Engine:
                         out[i] = row_exc
         return out
 
-    def _generate(self, rows: Sequence[Row], params: SamplingParams, model: Any = None) -> list[GenerationResult]:
+    def _generate(
+        self, rows: Sequence[Row], params: SamplingParams, on_token: TokenCallback | None = None
+    ) -> list[GenerationResult]:
         return generate(
-            cast(LanguageModel, model or self.model),
+            self.model,
             self.sae,
             [r.prompt for r in rows],
             [r.spec for r in rows],
@@ -448,34 +396,31 @@ class Engine:
             params=params,
             batch_size=len(rows),
             seeds=[r.seed for r in rows],
+            on_token=on_token,
         )
 
     def stream(self, row: Row, emit: Callable[[dict[str, Any]], None], cancelled: threading.Event) -> GenerationResult:
-        """Generate one row, calling ``emit`` with each token as it is produced: its index, id,
+        """Generate one row, calling ``emit`` with each token as it is sampled: its index, id,
         token string, incremental text and the contamination / latents changed of its step."""
         tok = self.model.tokenizer
         text = IncrementalText(tok)
 
-        def token_event(step: int, token_id: int, c: float | None, ch: float | None) -> dict[str, Any]:
-            piece = text.push(token_id)
-            return {
-                "index": step,
-                "token_id": token_id,
-                "token": str(tok.decode([token_id])),
-                "text": piece,
-                "contamination": c,
-                "latents_changed": ch,
-            }
+        def on_token(event: TokenEvent) -> None:
+            if cancelled.is_set():
+                raise _Cancelled
+            token_id, c, ch = event.token_ids[0], event.contamination[0], event.latents_changed[0]
+            emit(
+                {
+                    "index": event.step,
+                    "token_id": token_id,
+                    "token": str(tok.decode([token_id])),
+                    "text": text.push(token_id),
+                    "contamination": None if math.isnan(c) else c,
+                    "latents_changed": None if math.isnan(ch) else ch,
+                }
+            )
 
-        def on_token(step: int, ids: list[int]) -> None:
-            emit(token_event(step, ids[0], *_step_stats()))
-
-        tap = _TokenTap(self.model.hf, on_token, cancelled)
-        result = self._generate([row], row.params, _TappedModel(self.model, tap))[0]
-        for j in range(len(text.ids), len(result.token_ids)):  # the last token (never fed back)
-            c, ch = result.contamination[j], result.latents_changed[j]
-            emit(token_event(j, result.token_ids[j], None if math.isnan(c) else c, None if math.isnan(ch) else ch))
-        return result
+        return self._generate([row], row.params, on_token)[0]
 
     def warm_up(self) -> None:
         spec = SteeringSpec("swap", next(iter(self.topics.values())).scores) if self.topics else SteeringSpec("sae")

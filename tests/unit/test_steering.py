@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, generate
+from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, TokenEvent, generate
 from ops.models import LanguageModel, hooked_from_llama
 from ops.steering import (
     BatchSteerer,
@@ -341,6 +341,36 @@ def test_batch_with_left_padding_and_per_row_specs(model: LanguageModel, sae: An
     assert not np.isnan(batched[3].contamination).any()  # orig with scores: measured
     assert batched[3].latents_changed == [0.0] * len(batched[3].token_ids)
     assert np.isnan(batched[1].prompt_contamination[0])  # BOS untouched
+
+
+def test_on_token_reports_every_step_as_the_result_has_it(
+    model: LanguageModel, sae: Any, scores: torch.Tensor
+) -> None:
+    prompts = ["a long prompt about the heart", "short", "the lungs"]
+    specs = [SteeringSpec("swap", scores), SteeringSpec("clamp", scores), SteeringSpec("orig")]
+    events: list[TokenEvent] = []
+    params = SamplingParams(max_new_tokens=9, seed=3, stop_at_eos=False)
+    results = generate(model, sae, prompts, specs, params=params, batch_size=2, on_token=events.append)
+    assert [(e.rows, e.step) for e in events] == [((0, 1), j) for j in range(9)] + [((2,), j) for j in range(9)]
+    for event in events:
+        for col, row in enumerate(event.rows):
+            res = results[row]
+            assert event.token_ids[col] == res.token_ids[event.step]
+            np.testing.assert_allclose(event.contamination[col], res.contamination[event.step], atol=1e-6)
+            np.testing.assert_allclose(event.latents_changed[col], res.latents_changed[event.step], atol=1e-6)
+
+
+def test_an_error_in_on_token_stops_generation(model: LanguageModel) -> None:
+    seen: list[int] = []
+
+    def stop_after_three(event: TokenEvent) -> None:
+        seen.append(event.step)
+        if event.step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, None, ["hello"], params=SamplingParams(max_new_tokens=20), on_token=stop_after_three)
+    assert seen == [0, 1, 2]
 
 
 def test_sampling_is_seeded(model: LanguageModel) -> None:
