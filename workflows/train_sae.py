@@ -55,9 +55,10 @@ class TrainSAEConfig:
     """Number of latents (8 x d_model of the embedded model)."""
     l1_coefficient: float = 5.0
     """Sparsity coefficient for relu (L1) and jumprelu (L0)."""
-    sources: tuple[str, ...] = ("embedded:pool",)
+    sources: tuple[str, ...] = ("embedded:ontology", "embedded:unaligned", "embedded:pool")
     """Training text sources: files with a text column (.jsonl/.csv/.parquet, '#start:stop' selects
-    rows), embedded:pool, or hf:<dataset>."""
+    rows), embedded:<name>, or hf:<dataset>. The default is all the project's own training text
+    (~92K tokens); the demo prompts and topic texts stay out of it."""
     eval_sources: tuple[str, ...] = ()
     """Held-out text for the eval report; empty = hold out the last eval_holdout training texts."""
     eval_holdout: int = 150

@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--sae", default="default")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--keep", help="write the lakes to KEEP/pool-<size> and keep them (e.g. for bench_scoring)")
     args = parser.parse_args()
     import ray
 
@@ -89,9 +90,14 @@ def main() -> None:
         texts = read_texts(spec).texts
         plain_s, tokens = plain_loop(texts, hook, args.context, 4096)
         with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
+            lake_dir = Path(args.keep) / f"pool-{size}" if args.keep else Path(tmp)
+            if args.keep and lake_dir.exists():
+                raise SystemExit(f"{lake_dir} exists; needs a fresh lake: remove it or pick another --keep")
             t0 = time.perf_counter()
             manifest = build(
-                BuildLakeConfig(lake=tmp, sae=args.sae, pool=(spec,), context=args.context, workers=args.workers)
+                BuildLakeConfig(
+                    lake=str(lake_dir), sae=args.sae, pool=(spec,), context=args.context, workers=args.workers
+                )
             )
             lake_s = time.perf_counter() - t0
         n = manifest["rows"]["prompts"]
