@@ -120,6 +120,7 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
     from sae_lens import SAE
 
     wall = time.perf_counter()
+    manifest = base_manifest("sae", asdict(cfg))  # revision and time of the start, not the end
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     texts, held, sources = _split_texts(cfg)
@@ -163,7 +164,6 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
     timings["wall_s"] = time.perf_counter() - wall
 
     write_json_atomic(out / "eval.json", report)
-    manifest = base_manifest("sae", asdict(cfg))
     manifest.update(
         device=device,
         text_sources=sources,

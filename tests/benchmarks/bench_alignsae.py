@@ -4,8 +4,7 @@ success vs α. Not a test: run it by hand and read the table::
 
     .venv/bin/python tests/benchmarks/bench_alignsae.py [--sae DIR] [--out DIR] [--swap-prompts N]
 
-The SAE defaults to the shipped default (``ops/data/sae/default``), or the project's training
-run at ``/work/scratch/runs/default_l6`` when the default is not shipped yet.
+The SAE defaults to the shipped default (``ops/data/sae/default``).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CONCEPTS = ROOT.parent / "shared" / "data" / "concepts.jsonl"
-SCRATCH_SAE = Path("/work/scratch/runs/default_l6")
 
 
 def _default_sae() -> str:
@@ -25,8 +23,6 @@ def _default_sae() -> str:
 
     if (DEFAULT_SAE_DIR / "cfg.json").is_file():
         return "default"
-    if (SCRATCH_SAE / "cfg.json").is_file():
-        return str(SCRATCH_SAE)
     raise SystemExit("no default SAE: pass --sae DIR (a directory written by saealign train-sae)")
 
 
