@@ -1,7 +1,7 @@
 """Steering on the embedded SmolLM2 with a trained SAE.
 
 The SAE is ``$SAEALIGN_TEST_SAE`` (a sae-lens directory), by default the shipped
-``ops/data/sae/default``; the tests skip when neither exists. Medical-topic scores are computed
+``ops/data/sae/default``, which the package ships: its absence is a failure. Medical-topic scores are computed
 here with the spec §2 formula on a small slice of the embedded pool, so no lake is needed.
 """
 
@@ -33,7 +33,7 @@ METAPHORS = [
 def _sae_path() -> Path:
     path = Path(os.environ.get("SAEALIGN_TEST_SAE", str(DEFAULT_SAE_DIR)))
     if not (path / "cfg.json").is_file():
-        pytest.skip(f"no SAE at {path}: set SAEALIGN_TEST_SAE to a sae-lens directory or ship ops/data/sae/default")
+        pytest.fail(f"no SAE at {path}: the package ships ops/data/sae/default (or set SAEALIGN_TEST_SAE)")
     return path
 
 
