@@ -343,9 +343,7 @@ def test_batch_with_left_padding_and_per_row_specs(model: LanguageModel, sae: An
     assert np.isnan(batched[1].prompt_contamination[0])  # BOS untouched
 
 
-def test_on_token_reports_every_step_as_the_result_has_it(
-    model: LanguageModel, sae: Any, scores: torch.Tensor
-) -> None:
+def test_on_token_reports_every_step_as_the_result_has_it(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
     prompts = ["a long prompt about the heart", "short", "the lungs"]
     specs = [SteeringSpec("swap", scores), SteeringSpec("clamp", scores), SteeringSpec("orig")]
     events: list[TokenEvent] = []
