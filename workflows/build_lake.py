@@ -65,7 +65,10 @@ class BuildLakeConfig:
     embed_workers: int = 1
     """Embedding actors."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per actor (also its torch thread count)."""
+    """CPUs reserved per actor."""
+    torch_threads: int = 0
+    """torch intra-op threads per actor (0 = its reserved CPUs). More threads than reserved CPUs
+    let the LM use the cores the embedding actor leaves idle (a small machine running both)."""
     gpus_per_worker: float = 0.0
     """GPUs per LM/SAE actor (0 on CPU)."""
     address: str = ""
@@ -80,6 +83,8 @@ class BuildLakeConfig:
     def __post_init__(self) -> None:
         if self.shard_size <= 0 or self.workers <= 0 or self.embed_workers <= 0:
             raise SaealignError("--shard-size, --workers and --embed-workers must be positive")
+        if self.torch_threads < 0:
+            raise SaealignError(f"--torch-threads must be >= 0 (0 = the reserved CPUs), got {self.torch_threads}")
 
 
 def _shard_rows(pool: PreparedPool, shard_size: int, pending: set[int]) -> list[dict[str, Any]]:
@@ -99,10 +104,10 @@ def _unpack(batch: dict[str, Any]) -> tuple[int, pa.Table]:
     return shard, pa.table(cols, schema=_SHARD_INPUT)
 
 
-def _set_threads(cpus: float) -> None:
+def _set_threads(cfg: BuildLakeConfig) -> None:
     import torch
 
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
 
 
 class ShardLatents:
@@ -111,7 +116,7 @@ class ShardLatents:
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
         from ops.lake_build import PromptEncoder
 
-        _set_threads(cfg.cpus_per_worker)
+        _set_threads(cfg)
         device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
         self.encoder = PromptEncoder(cfg.model, cfg.sae, key.hook, cfg.summary, cfg.context, cfg.batch_tokens, device)
         self.lake, self.key = Lake(cfg.lake), key
@@ -130,7 +135,7 @@ class ShardEmbeddings:
     """Ray actor: sentence embeddings for one shard per call."""
 
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
-        _set_threads(cfg.cpus_per_worker)
+        _set_threads(cfg)
         self.embedder = cfg.embedder
         self.lake, self.key = Lake(cfg.lake), key
 

@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--sae", default="default")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=0, help="build-lake --torch-threads")
     parser.add_argument("--keep", help="write the lakes to KEEP/pool-<size> and keep them (e.g. for bench_scoring)")
     args = parser.parse_args()
     import ray
@@ -96,7 +97,12 @@ def main() -> None:
             t0 = time.perf_counter()
             manifest = build(
                 BuildLakeConfig(
-                    lake=str(lake_dir), sae=args.sae, pool=(spec,), context=args.context, workers=args.workers
+                    lake=str(lake_dir),
+                    sae=args.sae,
+                    pool=(spec,),
+                    context=args.context,
+                    workers=args.workers,
+                    torch_threads=args.torch_threads,
                 )
             )
             lake_s = time.perf_counter() - t0
