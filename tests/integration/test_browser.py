@@ -6,6 +6,7 @@ streaming on. Skips when /usr/bin/chromium is absent."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import shutil
@@ -29,9 +30,7 @@ PROMPT = "My heart is broken, so I should"
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not CHROMIUM.exists():
-        pytest.skip("headless browser test needs /usr/bin/chromium (Debian package 'chromium')")
-    pytest.importorskip("websockets.sync.client", reason="the DevTools driver needs the websockets package")
+    require_chromium()
     yield from start_service(tmp_path_factory.getbasetemp())
 
 
@@ -73,9 +72,9 @@ class DevTools:
         self.ws.close()
 
 
-@pytest.fixture(scope="module")
-def browser(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
-    profile = tmp_path_factory.mktemp("chromium-profile")
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[DevTools]:
+    """Headless Chromium with a fresh profile, driven through :class:`DevTools` on its first page."""
     proc = subprocess.Popen(
         [
             str(CHROMIUM),
@@ -115,6 +114,18 @@ def browser(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevT
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def require_chromium() -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("headless browser test needs /usr/bin/chromium (Debian package 'chromium')")
+    pytest.importorskip("websockets.sync.client", reason="the DevTools driver needs the websockets package")
+
+
+@pytest.fixture(scope="module")
+def browser(url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevTools]:
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as tools:
+        yield tools
 
 
 READ_OUTPUTS = """

@@ -1,0 +1,77 @@
+"""``saealign evaluate`` end to end on a small lake (shipped SAE, 96 embedded pool prompts):
+every setting runs, the JSON holds every number, and the HTML report renders in headless
+Chromium with its plots and tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from ops.scoring import score_topic
+from ops.texts import read_texts
+from tests.integration.test_browser import chromium, require_chromium
+from workflows import evaluate
+from workflows.build_lake import BuildLakeConfig, build
+
+pytestmark = pytest.mark.integration
+
+SETTINGS = {"orig", "sae", "sae+err", "clamp", "clamp+err", "swap", "swap+err", "weight", "weight+err"}
+SETTINGS |= {"prompting", "diffmean"}
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        build(BuildLakeConfig(lake=str(root / "lake"), pool=("embedded:pool#:96",), shard_size=48, context=128))
+    finally:
+        ray.shutdown()
+    texts = read_texts("embedded:topic:medical").texts
+    score_topic(str(root / "lake"), "medical", texts, min_support=2, align_source="embedded:topic:medical")
+    evaluate.build(
+        evaluate.EvaluateConfig(
+            lake=str(root / "lake"), topic="medical", n_prompts=2, max_new_tokens=6, k_max=10, out=str(root / "report")
+        )
+    )
+    yield root / "report"
+
+
+def test_report_json_has_every_setting_and_number(report_dir: Path) -> None:
+    report: dict[str, Any] = json.loads((report_dir / "report.json").read_text())
+    rows = {row["method"]: row for row in report["summary"]}
+    assert set(rows) == SETTINGS
+    for method, row in rows.items():
+        assert row["n"] == 2, method
+        assert math.isfinite(row["distance"]) and row["median_perplexity"] > 1.0, method
+    # sae + its own error is the unsteered activation: same tokens as orig
+    assert [g["text"] for g in report["generations"]["sae+err"]] == [g["text"] for g in report["generations"]["orig"]]
+    assert rows["orig"]["latents_changed"] == 0 and rows["swap"]["latents_changed"] > 0
+    for name in ("swap_closer_goal_met", "swap_perplexity_goal_met", "swap_contamination_below_clamp"):
+        assert isinstance(report["goals"][name], bool)
+    assert report["recommendation"]["method"] in SETTINGS
+    assert report["topk_check"]["ks"] == list(range(1, 11))
+    assert {"set_up", "per_topic", "per_token"} <= set(report["costs"])
+
+
+def test_report_html_renders_plots_and_tables(report_dir: Path, tmp_path: Path) -> None:
+    require_chromium()
+    with chromium(tmp_path / "profile") as tools:
+        tools.call("Page.navigate", url=(report_dir / "report.html").resolve().as_uri())
+        tools.wait_for("document.readyState === 'complete'")
+        plots = tools.wait_for(
+            "(() => { const imgs = [...document.querySelectorAll('img.plot')];"
+            " return imgs.length && imgs.every(i => i.complete) && imgs.map(i => [i.alt, i.naturalWidth]); })()"
+        )
+        summary_rows = tools.js("document.querySelectorAll('#summary tbody tr').length")
+        text = tools.js("document.body.innerText")
+    assert {alt for alt, _ in plots} >= {"trade-off", "latents changed", "contamination", "top-k check", "coverage"}
+    assert all(width > 100 for _, width in plots), plots
+    assert summary_rows == len(SETTINGS)
+    assert "recommended" in text.lower() and "swap" in text
