@@ -142,7 +142,7 @@ def run_check(cfg: ScoreConfig) -> dict[str, Any]:
         range(1, cfg.k_max + 1),
     )
     out = Path(cfg.out or f"out/score-check/{cfg.topic}")
-    paths = save_check(result, out, f"top-k check: {cfg.topic} ({meta['dataset']})")
+    paths = save_check(result, out, f"top-k check: {cfg.topic}\n{meta['dataset']}")
     return {"check": result, "paths": paths, "topic": cfg.topic, "dataset": meta["dataset"]}
 
 
