@@ -182,6 +182,9 @@ def main() -> int:
         )
         serve.run(build_app(cfg), name="saealign", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+        scored = {t["topic"] for t in httpx.get(f"{url}/topics", timeout=30).json()["topics"]}
+        if missing := sorted(set(args.topics) - scored):
+            raise SystemExit(f"topics {missing} are not scored in {lake} (scored: {sorted(scored)}); pass --topics")
         one_at_a_time(url, range(2), args.topics, 4, "warm-up")
         half = args.sequential // 2
         before = one_at_a_time(url, range(half), args.topics, args.tokens, "one at a time (before)")
