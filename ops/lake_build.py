@@ -8,6 +8,7 @@ leave it. ``workflows/build_lake.py`` wraps these in Ray Data actors.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from ops.activations import iter_batches, run_to_hook
 from ops.embedders import embed
 from ops.errors import SaealignError
-from ops.lake import EMBEDDINGS, PROMPTS, prompt_id
+from ops.lake import EMBEDDINGS, LATENT_STATS, PROMPTS, prompt_id
 from ops.models import load_model
 from ops.saes import check_sae_fits, load_sae
 from ops.summaries import sparse_rows, summarise
@@ -130,16 +131,24 @@ def embed_shard(shard: pa.Table, embedder: str, batch_size: int = 64) -> pa.Tabl
     )
 
 
-def latent_stats_table(activations: pa.Table) -> pa.Table:
-    """Per latent: support (#prompts with a non-zero summary) and total summary mass."""
-    grouped = activations.group_by("latent").aggregate([("prompt_id", "count"), ("value", "sum")])
+def latent_stats_table(activations: pa.Table | Iterable[pa.RecordBatch], d_sae: int) -> pa.Table:
+    """Per latent: support (#prompts with a non-zero summary) and total summary mass.
+
+    Takes a table or a stream of record batches (``latent`` and ``value`` columns): memory is two
+    ``d_sae`` arrays plus one batch, whatever the size of the lake."""
+    support = np.zeros(d_sae, dtype=np.int64)
+    mass = np.zeros(d_sae, dtype=np.float64)
+    batches = activations.to_batches() if isinstance(activations, pa.Table) else activations
+    for batch in batches:
+        latent = batch.column("latent").to_numpy()
+        if len(latent) and (latent.min() < 0 or latent.max() >= d_sae):
+            raise SaealignError(f"activation rows name latents outside 0..{d_sae - 1}: the lake does not match the SAE")
+        support += np.bincount(latent, minlength=d_sae)
+        mass += np.bincount(latent, weights=batch.column("value").to_numpy().astype(np.float64), minlength=d_sae)
+    fired = np.flatnonzero(support)
     return pa.table(
-        {
-            "latent": grouped.column("latent").cast(pa.int32()),
-            "support": grouped.column("prompt_id_count").cast(pa.int64()),
-            "total_mass": grouped.column("value_sum").cast(pa.float64()),
-        }
-    ).sort_by("latent")
+        {"latent": fired.astype(np.int32), "support": support[fired], "total_mass": mass[fired]}, schema=LATENT_STATS
+    )
 
 
 def describe_pool(pool: PreparedPool) -> dict[str, Any]:

@@ -230,15 +230,15 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
 def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedPool, wall: float) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
-    def read(table: str) -> pa.Table:
-        return pads.dataset(
-            lake.table_glob(table, key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
-        ).to_table()
+    def dataset(table: str) -> pads.Dataset:
+        return pads.dataset(lake.table_glob(table, key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
 
-    acts, prompts = read("activations"), read("prompts")
-    stats = latent_stats_table(acts)
-    lake.write_table(lake.stats_path(key), stats, LATENT_STATS)
+    # streamed: memory stays bounded by d_sae and one record batch, whatever the pool size
     sae = load_sae(cfg.sae)
+    acts = dataset("activations")
+    stats = latent_stats_table(acts.to_batches(columns=["latent", "value"]), int(sae.cfg.d_sae))
+    lake.write_table(lake.stats_path(key), stats, LATENT_STATS)
+    prompts = dataset("prompts").to_table(columns=["n_tokens", "truncated"])
     manifest = base_manifest("lake-dataset", asdict(cfg))
     manifest.update(
         dataset=key.name,
@@ -248,8 +248,8 @@ def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedP
         pool=describe_pool(pool),
         rows={
             "prompts": prompts.num_rows,
-            "embeddings": read("embeddings").num_rows,
-            "activations": acts.num_rows,
+            "embeddings": dataset("embeddings").count_rows(),
+            "activations": acts.count_rows(),
             "latent_stats": stats.num_rows,
         },
         tokens=int(pa.compute.sum(prompts.column("n_tokens")).as_py()),

@@ -43,8 +43,11 @@ def test_prepare_pool_drops_empty_and_duplicate_texts() -> None:
 
 def test_latent_stats() -> None:
     acts = pa.table({"prompt_id": [1, 1, 2], "latent": [5, 7, 5], "value": [0.25, 0.75, 1.0]}, schema=ACTIVATIONS)
-    stats = latent_stats_table(acts).to_pylist()
-    assert stats == [{"latent": 5, "support": 2, "total_mass": 1.25}, {"latent": 7, "support": 1, "total_mass": 0.75}]
+    expected = [{"latent": 5, "support": 2, "total_mass": 1.25}, {"latent": 7, "support": 1, "total_mass": 0.75}]
+    assert latent_stats_table(acts, d_sae=8).to_pylist() == expected
+    assert latent_stats_table(iter(acts.to_batches(max_chunksize=1)), d_sae=8).to_pylist() == expected
+    with pytest.raises(SaealignError, match="does not match the SAE"):
+        latent_stats_table(acts, d_sae=6)
 
 
 def test_bad_summary_kind() -> None:
