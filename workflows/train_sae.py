@@ -1,7 +1,8 @@
 """``saealign train-sae``: train an SAE on a model's hook activations (AlignSAE stage 1).
 
 Steps: read the text sources, run the model once up to the hook and stream float16 activation
-shards to disk, fit a sae-lens SAE on shuffled batches from the shards for ``epochs`` passes,
+shards to disk, fit a sae-lens SAE on shuffled batches from the shards (a token budget, or
+``epochs`` passes),
 save it in sae-lens format, then measure it on held-out text (``eval.json``) and write
 ``manifest.json`` with everything needed to retrain it.
 
@@ -65,8 +66,11 @@ class TrainSAEConfig:
     """Texts held out from the sources when no eval_sources are given."""
     text_column: str = "text"
     """Name of the text column in file sources."""
-    epochs: float = 3.0
-    """Passes over the collected activations."""
+    tokens: int = 2_000_000
+    """Training budget in activations (the collected ones repeated as needed); ~12 min on a
+    2-core CPU at the default size. Ignored when --epochs is given."""
+    epochs: float = 0.0
+    """Passes over the collected activations instead of a token budget (0 = use --tokens)."""
     context: int = 256
     """Tokens per text (longer texts are truncated)."""
     batch_size: int = 4096
@@ -87,8 +91,10 @@ class TrainSAEConfig:
     def __post_init__(self) -> None:
         if self.d_sae <= 0:
             raise SaealignError(f"--d-sae must be positive, got {self.d_sae}")
-        if self.epochs <= 0 or self.batch_size <= 0 or self.context < 2:
-            raise SaealignError("--epochs and --batch-size must be positive and --context at least 2")
+        if self.epochs < 0 or self.tokens <= 0 or self.batch_size <= 0 or self.context < 2:
+            raise SaealignError(
+                "--tokens and --batch-size must be positive, --epochs at least 0 and --context at least 2"
+            )
 
 
 def _device(name: str) -> str:
@@ -144,7 +150,7 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
         "exclude_first_position": True,
     }
     sae = make_training_sae(cfg.architecture, model.d_model, cfg.d_sae, cfg.k, cfg.l1_coefficient, metadata, device)
-    total = int(cfg.epochs * n_collected)
+    total = int(cfg.epochs * n_collected) if cfg.epochs > 0 else cfg.tokens
     losses = train_sae(sae, shards.batches(cfg.batch_size, cfg.seed), total, cfg.batch_size, cfg.lr, device)
     timings["train_s"] = time.perf_counter() - t0
 
