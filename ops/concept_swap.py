@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from ops.activations import special_token_ids
 from ops.errors import SaealignError
+from ops.generation import left_pad
 from ops.models import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -200,16 +201,6 @@ def steering_hook(
 # Generation and perplexity
 
 
-def _left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in ids)
-    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        tokens[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return tokens, mask
-
-
 def _next_token(logits: torch.Tensor, gen: torch.Generator | None, top_k: int) -> torch.Tensor:
     if gen is None or top_k == 1:
         return logits.argmax(-1)
@@ -233,7 +224,8 @@ def generate_ids(
     Returns the new token ids per prompt, cut after the first EOS."""
     special = torch.tensor(special_token_ids(model))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    tokens, mask = _left_pad(prompt_ids, pad)
+    batch = left_pad([list(row) for row in prompt_ids], pad, "cpu")
+    tokens, mask = batch.input_ids, batch.attention_mask
     keep = mask.bool() & ~torch.isin(tokens, special)
     keep &= mask.cumsum(1) > 1  # not the first real position
     gen = None if seed is None else torch.Generator().manual_seed(seed)
