@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -379,28 +380,32 @@ def _generate_batch(
     record = SteeringRecord()
     rows = tuple(range(first_row, first_row + len(ids)))
 
-    def on_step(step: int, nxt: torch.Tensor) -> None:
-        assert on_token is not None
-        nan = (math.nan,) * len(rows)
-        c, ch = nan, nan
-        if record.steps:  # the forward that produced these tokens: its last position
-            last = record.steps[-1]
-            c = tuple(float(v) for v in last.contamination[:, -1].tolist())
-            ch = tuple(float(v) for v in last.latents_changed[:, -1].tolist())
-        on_token(TokenEvent(step, rows, tuple(int(t) for t in nxt.tolist()), c, ch))
+    def reporter(rec: SteeringRecord) -> Callable[[int, torch.Tensor], None] | None:
+        return None if on_token is None else partial(_report_step, on_token, rec, rows)
 
-    callback = on_step if on_token is not None else None
     if specs is None:
-        gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, callback)
+        gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, reporter(record))
     else:
         assert hook is not None
         with steering_hook(model.hf, sae, hook, specs, special_ids_of(tok)) as record:
-            gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, callback)
+            gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, reporter(record))
     stats = _row_stats(record, batch, gen.shape[1])
     return [
         _result(model, prompts[i], ids[i], gen[i], dead[i], specs[i] if specs else SteeringSpec(), stats, i, timings)
         for i in range(len(ids))
     ]
+
+
+def _report_step(
+    on_token: TokenCallback, record: SteeringRecord, rows: tuple[int, ...], step: int, nxt: torch.Tensor
+) -> None:
+    """Report one decode step with the stats of the forward that produced its tokens (last position)."""
+    c = ch = (math.nan,) * len(rows)
+    if record.steps:
+        last = record.steps[-1]
+        c = tuple(float(v) for v in last.contamination[:, -1].tolist())
+        ch = tuple(float(v) for v in last.latents_changed[:, -1].tolist())
+    on_token(TokenEvent(step, rows, tuple(int(t) for t in nxt.tolist()), c, ch))
 
 
 def _row_stats(record: SteeringRecord, batch: _Batch, steps: int) -> dict[str, torch.Tensor] | None:
