@@ -41,8 +41,15 @@ class PreparedPool:
         return hashlib.blake2b(ids.tobytes(), digest_size=16).hexdigest()
 
     def shards(self, shard_size: int) -> list[tuple[int, pa.Table]]:
-        n = self.table.num_rows
-        return [(i, self.table.slice(s, shard_size)) for i, s in enumerate(range(0, n, shard_size))]
+        """Numbered shards of prompts of similar length (ordered by character length, then
+        prompt_id). A shard's LM batches then carry little padding: with shards cut in source
+        order, 128 prompts of mixed lengths ran the LM at 0.64x the tokens/s of a pool-wide
+        length sort (1,024 real pool prompts, 2-core CPU). The order depends only on the texts,
+        so shard numbers are stable across re-runs."""
+        order = pa.table({"n": pc.utf8_length(self.table.column("text")), "id": self.table.column("prompt_id")})
+        ordered = self.table.take(pc.sort_indices(order, sort_keys=[("n", "ascending"), ("id", "ascending")]))
+        n = ordered.num_rows
+        return [(i, ordered.slice(s, shard_size)) for i, s in enumerate(range(0, n, shard_size))]
 
 
 def prepare_pool(sources: list[TextTable]) -> PreparedPool:

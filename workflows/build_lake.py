@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass
+from itertools import zip_longest
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -88,11 +89,14 @@ class BuildLakeConfig:
 
 
 def _shard_rows(pool: PreparedPool, shard_size: int, pending: set[int]) -> list[dict[str, Any]]:
+    """Pending shards as dataset rows, interleaved short/long (shards are cut by length), so the
+    progress bar's rate and ETA are not skewed by running all the short prompts first."""
     rows = []
     for shard, table in pool.shards(shard_size):
         if shard in pending:
             rows.append({"shard": shard, **{c: table.column(c).to_pylist() for c in table.column_names}})
-    return rows
+    head, tail = rows[: (len(rows) + 1) // 2], rows[(len(rows) + 1) // 2 :][::-1]
+    return [r for pair in zip_longest(head, tail) for r in pair if r is not None]
 
 
 _SHARD_INPUT = pa.schema([PROMPTS.field(n) for n in ("prompt_id", "text", "source", "task")])
@@ -149,15 +153,20 @@ class ShardEmbeddings:
         return {"shard": [shard], "prompts": [table.num_rows]}
 
 
+SHARD_ORDER = "length"
+"""How prompts are cut into shards (``PreparedPool.shards``); part of a dataset's progress record,
+so a lake started with another layout is not resumed into a mix of both."""
+
+
 def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> None:
     """Refuse to mix two pools in one dataset: the shard numbering would not agree."""
     path = lake.path("manifests", f".{key.name}.progress.json")
-    expected = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
+    expected = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size, "shard_order": SHARD_ORDER}
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
         if {k: found.get(k) for k in expected} != expected:
             raise SaealignError(
-                f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
+                f"dataset {key.name} in {lake.uri} was started from another pool, shard size or shard order; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
     if cfg.overwrite:

@@ -8,7 +8,8 @@ For each pool size, in one run on one machine: (a) a plain loop that runs the LM
 hook over the pool's tokens (same batching, no SAE, no embeddings, no writes); (b) the build-lake
 job on a local Ray (LM + SAE + summaries + MiniLM embeddings + Parquet writes). Prints prompts/s,
 tokens/s, their ratio, the lake's wall time next to the paper's set-up time (12.4 min for 8K
-prompts on a V100), and the peak resident memory of the driver plus Ray workers.
+prompts on a V100), and the peak memory of the driver plus Ray processes (summed RSS, summed
+PSS, and each role's peak RSS).
 """
 
 from __future__ import annotations
@@ -32,26 +33,58 @@ from workflows.build_lake import BuildLakeConfig, build
 POOL = Path(__file__).resolve().parents[3] / "shared" / "data" / "reference_pool.jsonl"
 
 
-class PeakRSS:
-    """Samples the summed RSS of this process and every Ray worker process every 0.5 s."""
+def _role(proc: psutil.Process, me: int) -> str | None:
+    """Which part of the job a process is: the driver, a Ray worker (by its task/actor name), a
+    Ray system process, or None (not ours)."""
+    if proc.pid == me:
+        return "driver"
+    cmd = proc.info["cmdline"] or []
+    if cmd and cmd[0].startswith("ray::"):
+        name = cmd[0].removeprefix("ray::")
+        for actor in ("ShardLatents", "ShardEmbeddings"):
+            if actor in name:
+                return actor
+        return "other ray workers"
+    if proc.info["name"] in ("raylet", "gcs_server") or any("ray/" in c and "default_worker" not in c for c in cmd[:2]):
+        return "ray system"
+    return None
+
+
+class PeakMemory:
+    """Samples, every 0.5 s, the memory of this process, every Ray worker and the Ray system
+    processes. Keeps the peak of the summed RSS, the peak of the summed PSS (shared pages, such as
+    the object store's, split between the processes mapping them instead of counted in each), and
+    each role's own peak RSS, to show which part grows."""
 
     def __init__(self) -> None:
-        self.peak = 0
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.by_role: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            total = 0
-            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if p.info["pid"] == me or cmd.startswith("ray::"):
-                    total += p.info["memory_info"].rss if p.info["memory_info"] else 0
-            self.peak = max(self.peak, total)
+            rss = pss = 0
+            roles: dict[str, int] = {}
+            for p in psutil.process_iter(["pid", "name", "cmdline"]):
+                role = _role(p, me)
+                if role is None:
+                    continue
+                try:
+                    mem = p.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss += mem.rss
+                pss += getattr(mem, "pss", mem.rss)
+                roles[role] = roles.get(role, 0) + mem.rss
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            for role, value in roles.items():
+                self.by_role[role] = max(self.by_role.get(role, 0), value)
             time.sleep(0.5)
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -90,7 +123,7 @@ def main() -> None:
         spec = f"{POOL}#:{size}"
         texts = read_texts(spec).texts
         plain_s, tokens = plain_loop(texts, hook, args.context, 4096)
-        with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:
+        with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
             lake_dir = Path(args.keep) / f"pool-{size}" if args.keep else Path(tmp)
             if args.keep and lake_dir.exists():
                 raise SystemExit(f"{lake_dir} exists; needs a fresh lake: remove it or pick another --keep")
@@ -107,17 +140,20 @@ def main() -> None:
             )
             lake_s = time.perf_counter() - t0
         n = manifest["rows"]["prompts"]
-        rows.append((size, n, tokens, plain_s, lake_s, rss.peak))
+        rows.append((size, n, tokens, plain_s, lake_s, mem))
     print(f"machine: {os.cpu_count()} CPUs; hook {hook}; SAE {args.sae}")
     print(
         f"{'pool':>6} {'tokens':>8} {'plain tok/s':>11} {'lake tok/s':>10} {'lake prompt/s':>13} "
-        f"{'ratio':>6} {'lake wall':>9} {'peak RSS':>9}"
+        f"{'ratio':>6} {'lake wall':>9} {'peak RSS':>9} {'peak PSS':>9}"
     )
-    for size, n, tokens, plain_s, lake_s, peak in rows:
+    for size, n, tokens, plain_s, lake_s, mem in rows:
         print(
             f"{size:>6} {tokens:>8} {tokens / plain_s:>11.0f} {tokens / lake_s:>10.0f} {n / lake_s:>13.1f} "
-            f"{plain_s / lake_s:>6.2f} {lake_s / 60:>7.1f}m {peak / 2**30:>7.2f}G"
+            f"{plain_s / lake_s:>6.2f} {lake_s / 60:>7.1f}m {mem.peak_rss / 2**30:>7.2f}G {mem.peak_pss / 2**30:>7.2f}G"
         )
+    print("peak RSS by role (GiB): " + ", ".join(f"pool {r[0]}" for r in rows))
+    for role in sorted({role for r in rows for role in r[5].by_role}):
+        print(f"  {role:<18} " + "  ".join(f"{r[5].by_role.get(role, 0) / 2**30:>6.2f}" for r in rows))
     print("paper (V100, TransformerLens): set-up 12.4 min for 8K prompts")
 
 

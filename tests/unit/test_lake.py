@@ -41,6 +41,20 @@ def test_prepare_pool_drops_empty_and_duplicate_texts() -> None:
         prepare_pool([TextTable("src", pa.table({"text": ["", " "]}))])
 
 
+def test_shards_group_prompts_of_similar_length_and_cover_the_pool_once() -> None:
+    texts = [("x" * n) + str(i) for i, n in enumerate([30, 2, 17, 9, 41, 5, 23, 12, 3, 36])]
+    pool = prepare_pool([TextTable("src", pa.table({"text": texts}))])
+    shards = pool.shards(3)
+    assert [i for i, _ in shards] == [0, 1, 2, 3]
+    lengths = [[len(t) for t in table.column("text").to_pylist()] for _, table in shards]
+    flat = [n for part in lengths for n in part]
+    assert flat == sorted(flat) and len(flat) == len(texts)
+    assert sorted(t for _, table in shards for t in table.column("text").to_pylist()) == sorted(texts)
+    # the same texts in another source order cut into the same shards
+    again = prepare_pool([TextTable("src", pa.table({"text": texts[::-1]}))]).shards(3)
+    assert [t.column("prompt_id").to_pylist() for _, t in again] == [t.column("prompt_id").to_pylist() for _, t in shards]
+
+
 def test_latent_stats() -> None:
     acts = pa.table({"prompt_id": [1, 1, 2], "latent": [5, 7, 5], "value": [0.25, 0.75, 1.0]}, schema=ACTIVATIONS)
     expected = [{"latent": 5, "support": 2, "total_mass": 1.25}, {"latent": 7, "support": 1, "total_mass": 0.75}]
@@ -53,3 +67,23 @@ def test_latent_stats() -> None:
 def test_bad_summary_kind() -> None:
     with pytest.raises(SaealignError, match="unknown summary"):
         DatasetKey("m", "s", "h", "median")
+
+
+def test_a_dataset_started_with_another_shard_layout_is_not_resumed(tmp_path: Path) -> None:
+    from workflows.build_lake import BuildLakeConfig, _check_progress
+
+    lake = Lake(str(tmp_path))
+    pool = prepare_pool([TextTable("src", pa.table({"text": ["a", "bb", "ccc"]}))])
+    cfg = BuildLakeConfig(lake=str(tmp_path), shard_size=2)
+    _check_progress(lake, KEY, pool, cfg)
+    _check_progress(lake, KEY, pool, cfg)  # the same pool and layout resume
+    progress = lake.path("manifests", f".{KEY.name}.progress.json")
+    record = lake.read_json(progress)
+    lake.write_json(progress, {k: v for k, v in record.items() if k != "shard_order"})  # an older layout
+    shard = lake.shard_path("activations", KEY, 0)
+    lake.write_table(shard, pa.table({"prompt_id": [1], "latent": [2], "value": [1.0]}), ACTIVATIONS)
+    with pytest.raises(SaealignError, match="shard order; fix: pass --overwrite"):
+        _check_progress(lake, KEY, pool, cfg)
+    assert lake.exists(shard)  # refused without touching what was written
+    _check_progress(lake, KEY, pool, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True))
+    assert not lake.exists(shard) and lake.read_json(progress) == record
