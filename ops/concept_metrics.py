@@ -131,20 +131,26 @@ def entanglement_index(slot_acts: np.ndarray, n_bins: int = 4) -> tuple[float, n
     return (float(np.mean([mi[i, j] for i, j in pairs])) if pairs else 0.0), mi
 
 
-def swap_success(
-    predicted: Sequence[str],
-    targets: Sequence[str],
-    perplexities: Sequence[float],
-    reference_perplexity: float,
-    max_increase: float = 0.30,
-) -> float:
-    """Share of swaps whose continuation is classified as the target concept and whose
-    perplexity is at most ``(1 + max_increase) × reference_perplexity``."""
+def swap_success(predicted: Sequence[str], targets: Sequence[str]) -> float:
+    """Share of swaps whose continuation is classified as the target concept."""
     if not targets:
         return float("nan")
-    bound = (1.0 + max_increase) * reference_perplexity
-    hits = [p == t and ppl <= bound for p, t, ppl in zip(predicted, targets, perplexities, strict=True)]
-    return float(np.mean(hits))
+    return float(np.mean([p == t for p, t in zip(predicted, targets, strict=True)]))
+
+
+def best_alpha(
+    rows: Sequence[tuple[float, float, float]], max_increase: float = 0.30
+) -> tuple[float, float, float] | None:
+    """The (α, success, perplexity ratio) row with the highest success among those whose
+    perplexity ratio (steered over unsteered, geometric means over the same prompts) is at most
+    ``1 + max_increase``; the smaller α on ties. None when no α keeps perplexity within the bound.
+
+    The bound applies to the α, not to each continuation: one sampled continuation's perplexity
+    varies far more than steering moves it (on concepts.jsonl a third of the *unsteered*
+    continuations were above 1.3x the unsteered mean), so a per-continuation bound mostly
+    measures sampling noise."""
+    ok = [r for r in rows if np.isfinite(r[2]) and r[2] <= 1.0 + max_increase]
+    return max(ok, key=lambda r: (r[1], -r[0])) if ok else None
 
 
 def geometric_mean(values: Sequence[float]) -> float:

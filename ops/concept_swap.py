@@ -9,10 +9,10 @@ perplexity than the 30 % bound allows.
 
 Judging: the *continuation alone* (the prompt is A's text and would bias the judgement) is
 embedded with MiniLM and classified by the nearest centroid among the concepts of B's family
-(centroids of their training texts). Perplexity of the continuation is measured under the
-unsteered model; a swap succeeds when the continuation is classified as B and its perplexity is
-at most (1 + bound) × the geometric-mean perplexity of the unsteered continuations of the same
-prompts (a per-prompt ratio would compare two different samples and mostly measure noise).
+(centroids of their training texts); a swap succeeds when it is classified as B. Perplexity of
+the continuation is measured under the unsteered model, and an α qualifies when the geometric
+mean over its continuations is at most (1 + bound) × that of the unsteered continuations of the
+same prompts (``ops.concept_metrics.best_alpha``: one sample's perplexity is too noisy to judge).
 
 Generation runs on the Hugging Face model with a forward hook on the decoder layer
 (``blocks.L.hook_resid_post`` = output of layer L, ``blocks.L.hook_resid_pre`` = its input):

@@ -42,7 +42,15 @@ from ops.alignsae import (
     train_aligned,
     typical_activations,
 )
-from ops.concept_metrics import ReconTally, best_latents, concept_auc, entanglement_index, geometric_mean, swap_success
+from ops.concept_metrics import (
+    ReconTally,
+    best_alpha,
+    best_latents,
+    concept_auc,
+    entanglement_index,
+    geometric_mean,
+    swap_success,
+)
 from ops.concept_swap import (
     CentroidClassifier,
     ConceptSAE,
@@ -129,7 +137,8 @@ class AlignSAEConfig:
     swap_keep_error: bool = True
     """Add the SAE error back when writing the edited activation (only the slots change)."""
     max_ppl_increase: float = 0.30
-    """A swap counts only if its perplexity is at most (1 + this) x the unsteered mean perplexity."""
+    """Perplexity bound for the best α: the geometric-mean perplexity of its continuations at most
+    (1 + this) x that of the unsteered continuations of the same prompts."""
     activation_cache: str | None = None
     """Directory to keep the collected hook activations in (keyed by model, hook, texts); reused on reruns."""
     seed: int = 0
@@ -280,13 +289,10 @@ def _token_mean_auc(base: Any, aligned: AlignedSAE, data: _Data, concepts: list[
     }
 
 
-def _swap_row(outcome: SwapOutcome, trials: list[SwapTrial], ppl_ref: float, bound: float) -> dict[str, float]:
-    targets = [t.target for t in trials]
-    ppl = [p if np.isfinite(p) else float("inf") for p in outcome.perplexities]
+def _swap_row(outcome: SwapOutcome, trials: list[SwapTrial], ppl_ref: float) -> dict[str, float]:
     finite = [p for p in outcome.perplexities if np.isfinite(p)]
     return {
-        "success": swap_success(outcome.predicted, targets, ppl, ppl_ref, bound),
-        "target_rate": float(np.mean([p == t for p, t in zip(outcome.predicted, targets, strict=True)])),
+        "success": swap_success(outcome.predicted, [t.target for t in trials]),
         "ppl_ratio": geometric_mean(finite) / ppl_ref if finite else float("nan"),
     }
 
@@ -312,24 +318,25 @@ def _swaps(
         for name, csae in saes.items():
             editor = make_editor(csae, swap_specs(trials, alpha), cfg.swap_keep_error)
             outcome = run_trials(model, trials, hook=hook, editor=editor, **run)  # type: ignore[arg-type]
-            row[name] = _swap_row(outcome, trials, ppl_ref, cfg.max_ppl_increase)
+            row[name] = _swap_row(outcome, trials, ppl_ref)
             records += [_record(t, name, alpha, outcome, i) for i, t in enumerate(trials)]
         log.info("swap α=%s: %s", alpha, row)
         rows.append(row)
-    best = {name: _best_alpha(rows, name) for name in saes}
     summary = {
         "n_trials": len(trials),
         "reference_perplexity": ppl_ref,
-        "orig_target_rate": _swap_row(ref, trials, ppl_ref, cfg.max_ppl_increase)["target_rate"],
+        "orig_success": _swap_row(ref, trials, ppl_ref)["success"],
+        "max_ppl_increase": cfg.max_ppl_increase,
         "by_alpha": rows,
-        "best": {name: {"alpha": r["alpha"], **r[name]} for name, r in best.items()},
+        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in saes},
     }
     return summary, records
 
 
-def _best_alpha(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    """The row with the highest success for ``name`` (the smaller α on ties)."""
-    return max(rows, key=lambda r: (r[name]["success"], -r["alpha"]))
+def _best(rows: list[dict[str, Any]], name: str, max_increase: float) -> dict[str, Any] | None:
+    """``name``'s best α within the perplexity bound (None: no α stays within it)."""
+    best = best_alpha([(r["alpha"], r[name]["success"], r[name]["ppl_ratio"]) for r in rows], max_increase)
+    return None if best is None else dict(zip(("alpha", "success", "ppl_ratio"), best, strict=True))
 
 
 def _record(trial: SwapTrial, sae: str, alpha: float, outcome: SwapOutcome, i: int) -> dict[str, Any]:
@@ -352,9 +359,10 @@ def _goals(report: dict[str, Any]) -> dict[str, bool]:
         "mse <= 1.2 x vanilla": ali["mse"] <= 1.2 * van["mse"],
         "entanglement <= 0.5 x vanilla": ali["entanglement"] <= 0.5 * van["entanglement"],
     }
-    best = report.get("swap", {}).get("best", {}).get("aligned")
-    if best:
-        goals["swap success >= 70 % (ppl +<= 30 %)"] = best["success"] >= 0.70 and best["ppl_ratio"] <= 1.30
+    swap = report.get("swap", {})
+    if swap.get("by_alpha"):
+        best = swap["best"]["aligned"]
+        goals["swap success >= 70 % (ppl +<= 30 %)"] = best is not None and best["success"] >= 0.70
     return goals
 
 
@@ -435,24 +443,22 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     swap = report.get("swap", {})
     if swap.get("by_alpha"):
-        bv, ba = swap["best"]["vanilla"], swap["best"]["aligned"]
-        lines.append(
-            f"{'swap success at best α':<34}{_pct(bv['success']) + ' (α=' + _g(bv['alpha']) + ')':>14}"
-            f"{_pct(ba['success']) + ' (α=' + _g(ba['alpha']) + ')':>14}"
-        )
-        lines.append(f"{'  perplexity ratio at best α':<34}{bv['ppl_ratio']:>14.2f}{ba['ppl_ratio']:>14.2f}")
+        bound = f"perplexity ×≤ {1 + swap['max_ppl_increase']:g}"
+        best = [swap["best"]["vanilla"], swap["best"]["aligned"]]
+        cells = [f"{_pct(b['success'])} (α={_g(b['alpha'])})" if b else "none" for b in best]
+        lines.append(f"{'swap success at best α':<34}{cells[0]:>14}{cells[1]:>14}")
+        ratios = [f"{b['ppl_ratio']:.2f}" if b else "-" for b in best]
+        lines.append(f"{'  perplexity ratio at best α':<34}{ratios[0]:>14}{ratios[1]:>14}")
         lines += [
             "",
-            f"swap success vs α ({swap['n_trials']} trials; unsteered: target rate "
-            f"{_pct(swap['orig_target_rate'])}, perplexity {swap['reference_perplexity']:.2f})",
+            f"swap success vs α ({swap['n_trials']} trials; success = continuation classified as the "
+            f"target; best α = highest success with {bound}; unsteered: success "
+            f"{_pct(swap['orig_success'])}, perplexity {swap['reference_perplexity']:.2f})",
         ]
-        lines.append(f"{'α':>6}  {'vanilla succ / target / ppl×':>30}  {'AlignSAE succ / target / ppl×':>30}")
+        lines.append(f"{'α':>6}  {'vanilla success / ppl×':>24}  {'AlignSAE success / ppl×':>24}")
         for row in swap["by_alpha"]:
-            cells = [
-                f"{_pct(r['success'])} / {_pct(r['target_rate'])} / {r['ppl_ratio']:.2f}"
-                for r in (row["vanilla"], row["aligned"])
-            ]
-            lines.append(f"{_g(row['alpha']):>6}  {cells[0]:>30}  {cells[1]:>30}")
+            cells = [f"{_pct(r['success'])} / {r['ppl_ratio']:.2f}" for r in (row["vanilla"], row["aligned"])]
+            lines.append(f"{_g(row['alpha']):>6}  {cells[0]:>24}  {cells[1]:>24}")
     lines += ["", "per-concept AUC (vanilla -> AlignSAE):"]
     lines += [f"  {c:<28}{van['auc'][c]:.3f} -> {ali['auc'][c]:.3f}" for c in report["concepts"]]
     lines += ["", "goals:"] + [f"  [{'x' if ok else ' '}] {name}" for name, ok in report["goals"].items()]

@@ -12,6 +12,7 @@ import torch
 from ops.concept_metrics import (
     ReconTally,
     auc_matrix,
+    best_alpha,
     best_latents,
     concept_auc,
     discretise,
@@ -121,12 +122,16 @@ def test_entanglement_identical_vs_disjoint_slots() -> None:
     assert entanglement_index(base[:, None])[0] == 0.0
 
 
-def test_swap_success_needs_target_and_perplexity_bound() -> None:
-    predicted = ["b", "b", "a", "b"]
-    targets = ["b", "b", "b", "b"]
-    ppl = [10.0, 13.0, 10.0, 13.1]
-    assert swap_success(predicted, targets, ppl, reference_perplexity=10.0, max_increase=0.3) == 0.5
-    assert math.isnan(swap_success([], [], [], 1.0))
+def test_swap_success_is_the_target_share() -> None:
+    assert swap_success(["b", "b", "a", "c"], ["b", "b", "b", "b"]) == 0.5
+    assert math.isnan(swap_success([], []))
+
+
+def test_best_alpha_is_the_most_successful_within_the_perplexity_bound() -> None:
+    rows = [(0.5, 0.2, 1.01), (2.0, 0.5, 1.2), (5.0, 0.5, 1.3), (10.0, 0.9, 1.31), (20.0, 1.0, float("nan"))]
+    assert best_alpha(rows, 0.3) == (2.0, 0.5, 1.2)  # α 10 is better but past the bound; ties: smaller α
+    assert best_alpha(rows, 0.5) == (10.0, 0.9, 1.31)
+    assert best_alpha([(1.0, 0.9, 2.0)], 0.3) is None
 
 
 def test_geometric_mean() -> None:
