@@ -88,11 +88,11 @@ class BuildLakeConfig:
             raise SaealignError(f"--torch-threads must be >= 0 (0 = the reserved CPUs), got {self.torch_threads}")
 
 
-def _shard_rows(pool: PreparedPool, shard_size: int, pending: set[int]) -> list[dict[str, Any]]:
+def _shard_rows(shards: list[tuple[int, pa.Table]], pending: set[int]) -> list[dict[str, Any]]:
     """Pending shards as dataset rows, interleaved short/long (shards are cut by length), so the
     progress bar's rate and ETA are not skewed by running all the short prompts first."""
     rows = []
-    for shard, table in pool.shards(shard_size):
+    for shard, table in shards:
         if shard in pending:
             rows.append({"shard": shard, **{c: table.column(c).to_pylist() for c in table.column_names}})
     head, tail = rows[: (len(rows) + 1) // 2], rows[(len(rows) + 1) // 2 :][::-1]
@@ -154,25 +154,31 @@ class ShardEmbeddings:
 
 
 SHARD_ORDER = "length"
-"""How prompts are cut into shards (``PreparedPool.shards``); part of a dataset's progress record,
-so a lake started with another layout is not resumed into a mix of both."""
+"""How new datasets cut prompts into shards (``PreparedPool.shards``). The progress record keeps
+the order a dataset was started with; records without one are from before length order
+("source"), so such a dataset resumes in its own layout instead of a mix of both."""
 
 
-def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> None:
-    """Refuse to mix two pools in one dataset: the shard numbering would not agree."""
+def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> str:
+    """Refuse to mix two pools in one dataset (the shard numbering would not agree); returns the
+    shard order to use."""
     path = lake.path("manifests", f".{key.name}.progress.json")
     expected = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size, "shard_order": SHARD_ORDER}
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
-        if {k: found.get(k) for k in expected} != expected:
+        expected["shard_order"] = found.get("shard_order", "source")
+        if {k: found.get(k) for k in ("fingerprint", "shard_size")} != {
+            k: expected[k] for k in ("fingerprint", "shard_size")
+        }:
             raise SaealignError(
-                f"dataset {key.name} in {lake.uri} was started from another pool, shard size or shard order; "
+                f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
     if cfg.overwrite:
         for table in ("prompts", "embeddings", "activations", "latent_stats"):
             lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
     lake.write_json(path, expected)
+    return str(expected["shard_order"])
 
 
 def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
@@ -220,15 +226,15 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
     pool = prepare_pool(read_many(list(cfg.pool), cfg.text_column))
     key = _dataset_key(cfg)
     lake = Lake(cfg.lake)
-    _check_progress(lake, key, pool, cfg)
-    shards = pool.shards(cfg.shard_size)
+    order = _check_progress(lake, key, pool, cfg)
+    shards = pool.shards(cfg.shard_size, order)
     pending = {i for i, _ in shards if not lake.shard_done(key, i)}
     log.info("%d prompts in %d shards, %d to do", pool.table.num_rows, len(shards), len(pending))
     if not pending and lake.exists(lake.manifest_path(key)):
         log.info("dataset %s is complete; nothing to do", key.name)
         return lake.read_json(lake.manifest_path(key))
     if pending:
-        rows = _shard_rows(pool, cfg.shard_size, pending)
+        rows = _shard_rows(shards, pending)
         _run_pipeline(cfg, key, rows, sum(len(r["text"]) for r in rows))
     missing = [i for i, _ in shards if not lake.shard_done(key, i)]
     if missing:

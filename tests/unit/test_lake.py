@@ -52,7 +52,9 @@ def test_shards_group_prompts_of_similar_length_and_cover_the_pool_once() -> Non
     assert sorted(t for _, table in shards for t in table.column("text").to_pylist()) == sorted(texts)
     # the same texts in another source order cut into the same shards
     again = prepare_pool([TextTable("src", pa.table({"text": texts[::-1]}))]).shards(3)
-    assert [t.column("prompt_id").to_pylist() for _, t in again] == [t.column("prompt_id").to_pylist() for _, t in shards]
+    assert [t.column("prompt_id").to_pylist() for _, t in again] == [
+        t.column("prompt_id").to_pylist() for _, t in shards
+    ]
 
 
 def test_latent_stats() -> None:
@@ -69,21 +71,29 @@ def test_bad_summary_kind() -> None:
         DatasetKey("m", "s", "h", "median")
 
 
-def test_a_dataset_started_with_another_shard_layout_is_not_resumed(tmp_path: Path) -> None:
-    from workflows.build_lake import BuildLakeConfig, _check_progress
+def test_a_dataset_resumes_in_the_shard_layout_it_was_started_with(tmp_path: Path) -> None:
+    from workflows.build_lake import SHARD_ORDER, BuildLakeConfig, _check_progress
 
     lake = Lake(str(tmp_path))
-    pool = prepare_pool([TextTable("src", pa.table({"text": ["a", "bb", "ccc"]}))])
+    pool = prepare_pool([TextTable("src", pa.table({"text": ["ccc", "a", "bb"]}))])
     cfg = BuildLakeConfig(lake=str(tmp_path), shard_size=2)
-    _check_progress(lake, KEY, pool, cfg)
-    _check_progress(lake, KEY, pool, cfg)  # the same pool and layout resume
+    assert _check_progress(lake, KEY, pool, cfg) == SHARD_ORDER == "length"
+    assert _check_progress(lake, KEY, pool, cfg) == "length"  # the same pool and layout resume
     progress = lake.path("manifests", f".{KEY.name}.progress.json")
     record = lake.read_json(progress)
-    lake.write_json(progress, {k: v for k, v in record.items() if k != "shard_order"})  # an older layout
+    lake.write_json(progress, {k: v for k, v in record.items() if k != "shard_order"})  # started before length order
+    assert _check_progress(lake, KEY, pool, cfg) == "source"
+    assert [t.column("text").to_pylist() for _, t in pool.shards(2, "source")] == [["ccc", "a"], ["bb"]]
+    assert [t.column("text").to_pylist() for _, t in pool.shards(2, "length")] == [["a", "bb"], ["ccc"]]
     shard = lake.shard_path("activations", KEY, 0)
     lake.write_table(shard, pa.table({"prompt_id": [1], "latent": [2], "value": [1.0]}), ACTIVATIONS)
-    with pytest.raises(SaealignError, match="shard order; fix: pass --overwrite"):
-        _check_progress(lake, KEY, pool, cfg)
+    other = prepare_pool([TextTable("src", pa.table({"text": ["dddd"]}))])
+    with pytest.raises(SaealignError, match="another pool or shard size; fix: pass --overwrite"):
+        _check_progress(lake, KEY, other, cfg)
     assert lake.exists(shard)  # refused without touching what was written
-    _check_progress(lake, KEY, pool, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True))
-    assert not lake.exists(shard) and lake.read_json(progress) == record
+    assert (
+        _check_progress(lake, KEY, other, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True)) == "length"
+    )
+    assert not lake.exists(shard)
+    with pytest.raises(SaealignError, match="unknown shard order"):
+        pool.shards(2, "random")
