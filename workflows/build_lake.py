@@ -108,6 +108,22 @@ def _unpack(batch: dict[str, Any]) -> tuple[int, pa.Table]:
     return shard, pa.table(cols, schema=_SHARD_INPUT)
 
 
+def _release_freed_memory() -> None:
+    """Hand the heap pages freed while processing a shard back to the OS (glibc ``malloc_trim``).
+
+    glibc keeps freed pages for reuse; with prompts of changing lengths the actors' resident
+    memory then follows the sum of past shard sizes rather than the largest one. A no-op where
+    the C library has no ``malloc_trim``."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _set_threads(cfg: BuildLakeConfig) -> None:
     import torch
 
@@ -132,6 +148,8 @@ class ShardLatents:
             prompts, acts = self.encoder.encode(table)
             self.lake.write_table(paths["activations"], acts, ACTIVATIONS)
             self.lake.write_table(paths["prompts"], prompts, PROMPTS)
+            del prompts, acts
+            _release_freed_memory()
         return batch
 
 
@@ -150,6 +168,7 @@ class ShardEmbeddings:
         path = self.lake.shard_path("embeddings", self.key, shard)
         if not self.lake.exists(path):
             self.lake.write_table(path, embed_shard(table, self.embedder), EMBEDDINGS)
+            _release_freed_memory()
         return {"shard": [shard], "prompts": [table.num_rows]}
 
 
