@@ -447,7 +447,7 @@ def format_report(report: dict[str, Any]) -> str:
         best = [swap["best"]["vanilla"], swap["best"]["aligned"]]
         cells = [f"{_pct(b['success'])} (α={_g(b['alpha'])})" if b else "none" for b in best]
         lines.append(f"{'swap success at best α':<34}{cells[0]:>14}{cells[1]:>14}")
-        ratios = [f"{b['ppl_ratio']:.2f}" if b else "-" for b in best]
+        ratios = [f"{b['ppl_ratio']:.3f}" if b else "-" for b in best]
         lines.append(f"{'  perplexity ratio at best α':<34}{ratios[0]:>14}{ratios[1]:>14}")
         lines += [
             "",
@@ -457,7 +457,7 @@ def format_report(report: dict[str, Any]) -> str:
         ]
         lines.append(f"{'α':>6}  {'vanilla success / ppl×':>24}  {'AlignSAE success / ppl×':>24}")
         for row in swap["by_alpha"]:
-            cells = [f"{_pct(r['success'])} / {r['ppl_ratio']:.2f}" for r in (row["vanilla"], row["aligned"])]
+            cells = [f"{_pct(r['success'])} / {r['ppl_ratio']:.3f}" for r in (row["vanilla"], row["aligned"])]
             lines.append(f"{_g(row['alpha']):>6}  {cells[0]:>24}  {cells[1]:>24}")
     lines += ["", "per-concept AUC (vanilla -> AlignSAE):"]
     lines += [f"  {c:<28}{van['auc'][c]:.3f} -> {ali['auc'][c]:.3f}" for c in report["concepts"]]
