@@ -113,8 +113,8 @@ def test_rayjob_entrypoint_is_real_saealign_commands() -> None:
 
 
 def _serve_config_fields() -> set[str]:
-    """ServeConfig's fields, read from workflows/serve.py's source (importing it would import Ray)."""
-    tree = ast.parse((ROOT / "workflows" / "serve.py").read_text())
+    """ServeConfig's fields, read from workflows/serve_engine.py's source (no torch import)."""
+    tree = ast.parse((ROOT / "workflows" / "serve_engine.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ServeConfig")
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
 
