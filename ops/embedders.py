@@ -43,11 +43,48 @@ def load_embedder(name: str = EMBEDDED_EMBEDDER, device: str = "cpu") -> Any:
 
 
 def embed(
-    texts: Sequence[str], name: str = EMBEDDED_EMBEDDER, batch_size: int = 64, progress: bool = False
+    texts: Sequence[str],
+    name: str = EMBEDDED_EMBEDDER,
+    batch_size: int = 64,
+    progress: bool = False,
+    max_batch_tokens: int | None = None,
 ) -> np.ndarray:
-    """L2-normalised float32 embeddings [len(texts), dim]."""
+    """L2-normalised float32 embeddings [len(texts), dim].
+
+    ``max_batch_tokens`` also caps each batch's padded tokens (texts grouped by length): peak
+    memory is then set by the budget, not by the longest texts of the input."""
     model = load_embedder(name)
+    if max_batch_tokens is None or not texts:
+        return _encode(model, list(texts), batch_size, progress)
+    batches = token_budget_batches(_token_lengths(model, texts), batch_size, max_batch_tokens)
+    vectors = np.concatenate([_encode(model, [texts[i] for i in rows], len(rows), False) for rows in batches])
+    out = np.empty_like(vectors)
+    out[[i for rows in batches for i in rows]] = vectors
+    return out
+
+
+def _encode(model: Any, texts: list[str], batch_size: int, progress: bool) -> np.ndarray:
     vectors = model.encode(
-        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=progress
     )
     return np.asarray(vectors, dtype=np.float32)
+
+
+def _token_lengths(model: Any, texts: Sequence[str]) -> list[int]:
+    ids = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length)["input_ids"]
+    return [len(row) for row in ids]
+
+
+def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped by length into batches of at most ``max_rows`` rows and ``max_tokens``
+    padded tokens (rows × longest); a row longer than the budget gets a batch of its own."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if batch and (len(batch) >= max_rows or (len(batch) + 1) * lengths[i] > max_tokens):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches

@@ -52,7 +52,7 @@ def _role(proc: psutil.Process, me: int) -> str | None:
 
 
 class PeakMemory:
-    """Samples, every 0.5 s, the memory of this process, every Ray worker and the Ray system
+    """Samples, every 2 s, the memory of this process, every Ray worker and the Ray system
     processes. Keeps the peak of the summed RSS, the peak of the summed PSS (shared pages, such as
     the object store's, split between the processes mapping them instead of counted in each), and
     each role's own peak RSS, to show which part grows."""
@@ -83,7 +83,7 @@ class PeakMemory:
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             for role, value in roles.items():
                 self.by_role[role] = max(self.by_role.get(role, 0), value)
-            time.sleep(0.5)
+            time.sleep(2.0)  # reading every process's smaps costs CPU the lake shares
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()

