@@ -2,7 +2,7 @@
 
 Run by hand (not in CI), from the repository root with ../shared/data present:
 
-    .venv/bin/python tests/benchmarks/bench_lake.py [--sizes 2000 12500] [--sae default]
+    .venv/bin/python tests/benchmarks/bench_lake.py [--sizes 2000 12500] [--sae default] [--sample random]
 
 For each pool size, in one run on one machine: (a) a plain loop that runs the LM to the SAE's
 hook over the pool's tokens (same batching, no SAE, no embeddings, no writes); (b) the build-lake
@@ -15,6 +15,7 @@ PSS, and each role's peak RSS).
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import tempfile
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -114,6 +116,20 @@ def _plain_loop(texts: list[str], hook: str, context: int, batch_tokens: int) ->
     return time.perf_counter() - start, n_tokens
 
 
+def pool_spec(size: int, sample: str, out_dir: Path) -> str:
+    """The pool source for ``size`` prompts: the first ``size`` (head) or a seeded random draw
+    from the whole pool, written as JSONL under ``out_dir`` (random)."""
+    if sample == "head":
+        return f"{POOL}#:{size}"
+    texts = read_texts(str(POOL)).texts
+    if size >= len(texts):
+        return str(POOL)
+    rows = sorted(np.random.default_rng(0).choice(len(texts), size, replace=False).tolist())
+    path = out_dir / f"pool-random-{size}.jsonl"
+    path.write_text("".join(json.dumps({"text": texts[i]}) + "\n" for i in rows))
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 12500])
@@ -122,14 +138,22 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--torch-threads", type=int, default=0, help="build-lake --torch-threads")
     parser.add_argument("--keep", help="write the lakes to KEEP/pool-<size> and keep them (e.g. for bench_scoring)")
+    parser.add_argument(
+        "--sample",
+        choices=["head", "random"],
+        default="head",
+        help="head: the pool's first N prompts; random: N prompts drawn (seeded) from the whole pool, so a "
+        "small pool has the big one's range of lengths (peak memory follows the longest prompts)",
+    )
     args = parser.parse_args()
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     hook = load_sae(args.sae).cfg.metadata.hook_name
     rows = []
+    samples = Path(tempfile.mkdtemp(prefix="bench-lake-pools-"))
     for size in args.sizes:
-        spec = f"{POOL}#:{size}"
+        spec = pool_spec(size, args.sample, samples)
         texts = read_texts(spec).texts
         plain_s, tokens = plain_loop(texts, hook, args.context, 4096)
         with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
