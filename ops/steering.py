@@ -116,6 +116,27 @@ class SteeringSpec:
         if self.strength != 1.0 and self.method not in ("swap", "weight"):
             raise SaealignError(f"strength applies to swap and weight only, not '{self.method}'; fix: drop it")
 
+    @classmethod
+    def for_method(
+        cls, method: str, scores: torch.Tensor | None, settings: Any, topic: str | None = None
+    ) -> SteeringSpec:
+        """The spec of ``method`` from settings shared by several methods (any object with
+        ``clamp_k``, ``clamp_factor``, ``clamp_mode``, ``strength``, ``keep_error`` and
+        ``include_first``: a job config, a request's options). What the method does not use is
+        left at its default (``strength`` outside swap/weight, ``keep_error`` for orig), so one set
+        of settings serves every method of a comparison."""
+        return cls(
+            method=method,  # type: ignore[arg-type]
+            scores=scores,
+            clamp_k=settings.clamp_k,
+            clamp_factor=settings.clamp_factor,
+            clamp_mode=settings.clamp_mode,
+            strength=settings.strength if method in ("swap", "weight") else 1.0,
+            keep_error=settings.keep_error and method != "orig",
+            include_first=settings.include_first,
+            topic=topic,
+        )
+
     def options(self) -> dict[str, Any]:
         """The spec without its scores (for reports and manifests)."""
         return {

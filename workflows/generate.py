@@ -116,17 +116,7 @@ class GenerateConfig:
         return ["orig", *[m for m in chosen if m != "orig"]] if self.compare else chosen
 
     def spec(self, method: str, scores: np.ndarray | None) -> SteeringSpec:
-        return SteeringSpec(
-            method=method,  # type: ignore[arg-type]
-            scores=None if scores is None else torch.from_numpy(scores),
-            clamp_k=self.clamp_k,
-            clamp_factor=self.clamp_factor,
-            clamp_mode=self.clamp_mode,
-            strength=self.strength if method in ("swap", "weight") else 1.0,
-            keep_error=self.keep_error and method != "orig",
-            include_first=self.include_first,
-            topic=self.topic,
-        )
+        return SteeringSpec.for_method(method, None if scores is None else torch.from_numpy(scores), self, self.topic)
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:

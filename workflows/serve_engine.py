@@ -271,17 +271,7 @@ class Engine:
 
     def spec(self, method: str, topic: str | None, options: SteeringOptions) -> SteeringSpec:
         scores = self.topic(topic).scores if topic else None
-        spec = SteeringSpec(
-            method=method,  # type: ignore[arg-type]
-            scores=scores,
-            clamp_k=options.clamp_k,
-            clamp_factor=options.clamp_factor,
-            clamp_mode=options.clamp_mode,
-            strength=options.strength if method in ("swap", "weight") else 1.0,
-            keep_error=options.keep_error and method != "orig",
-            include_first=options.include_first,
-            topic=topic,
-        )
+        spec = SteeringSpec.for_method(method, scores, options, topic)
         spec.check_fits(self.d_sae)
         return spec
 

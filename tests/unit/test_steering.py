@@ -486,3 +486,26 @@ def test_generate_rejects_topic_scored_with_another_sae(monkeypatch: pytest.Monk
         read_prompts(GenerateConfig(prompt=("",), method=("orig",)))
     with pytest.raises(SaealignError, match="no prompts"):
         read_prompts(GenerateConfig(method=("orig",)))
+
+
+def test_spec_for_method_drops_the_settings_a_method_does_not_use() -> None:
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(
+        clamp_k=3, clamp_factor=2.0, clamp_mode="add", strength=0.5, keep_error=True, include_first=False
+    )
+    scores = torch.rand(D_SAE)
+    swap = SteeringSpec.for_method("swap", scores, settings, "medical")
+    assert (swap.strength, swap.keep_error, swap.clamp_k, swap.clamp_mode, swap.topic) == (
+        0.5,
+        True,
+        3,
+        "add",
+        "medical",
+    )
+    clamp = SteeringSpec.for_method("clamp", scores, settings)
+    assert (clamp.strength, clamp.keep_error, clamp.clamp_factor) == (1.0, True, 2.0)  # strength is swap/weight's
+    orig = SteeringSpec.for_method("orig", None, settings)
+    assert (orig.strength, orig.keep_error) == (1.0, False)
+    with pytest.raises(SaealignError, match="needs topic scores"):
+        SteeringSpec.for_method("swap", None, settings)
