@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cache
 from itertools import zip_longest
 from typing import Any, Literal
 
@@ -108,18 +110,23 @@ def _unpack(batch: dict[str, Any]) -> tuple[int, pa.Table]:
     return shard, pa.table(cols, schema=_SHARD_INPUT)
 
 
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once per process (None where the C library has none)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
 def _release_freed_memory() -> None:
     """Hand the heap pages freed while processing a shard back to the OS (glibc ``malloc_trim``).
 
     glibc keeps freed pages for reuse; with prompts of changing lengths the actors' resident
     memory then follows the sum of past shard sizes rather than the largest one. A no-op where
     the C library has no ``malloc_trim``."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    trim = getattr(libc, "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
