@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ops.batching import length_batches
 from ops.errors import SaealignError
 from ops.models import LanguageModel
 
@@ -76,17 +77,7 @@ def iter_batches(model: LanguageModel, texts: Sequence[str], max_tokens: int, co
     """Yield batches of at most ``max_tokens`` padded tokens, texts sorted by length inside
     a window so padding stays small. Texts are truncated to ``context`` tokens."""
     ids = model.tokenize(list(texts), max_length=context)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batch: list[int] = []
-    width = 0
-    for i in order:
-        new_width = max(width, len(ids[i]))
-        if batch and new_width * (len(batch) + 1) > max_tokens:
-            yield pad_batch(model, [ids[j] for j in batch], batch)
-            batch, new_width = [], len(ids[i])
-        batch.append(i)
-        width = new_width
-    if batch:
+    for batch in length_batches([len(row) for row in ids], max_tokens):
         yield pad_batch(model, [ids[j] for j in batch], batch)
 
 

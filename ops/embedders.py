@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ops.batching import length_batches
 from ops.errors import SaealignError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def embed(
     model = load_embedder(name)
     if max_batch_tokens is None or not texts:
         return _encode(model, list(texts), batch_size, progress)
-    batches = token_budget_batches(_token_lengths(model, texts), batch_size, max_batch_tokens)
+    batches = length_batches(_token_lengths(model, texts), max_batch_tokens, batch_size)
     vectors = np.concatenate([_encode(model, [texts[i] for i in rows], len(rows), False) for rows in batches])
     out = np.empty_like(vectors)
     out[[i for rows in batches for i in rows]] = vectors
@@ -73,18 +74,3 @@ def _encode(model: Any, texts: list[str], batch_size: int, progress: bool) -> np
 def _token_lengths(model: Any, texts: Sequence[str]) -> list[int]:
     ids = model.tokenizer(list(texts), truncation=True, max_length=model.max_seq_length)["input_ids"]
     return [len(row) for row in ids]
-
-
-def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Indices grouped by length into batches of at most ``max_rows`` rows and ``max_tokens``
-    padded tokens (rows × longest); a row longer than the budget gets a batch of its own."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
-        if batch and (len(batch) >= max_rows or (len(batch) + 1) * lengths[i] > max_tokens):
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
-    return batches

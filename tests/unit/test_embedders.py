@@ -3,18 +3,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ops.embedders import embed, token_budget_batches
+from ops.batching import length_batches
+from ops.embedders import embed
 
 
-def test_token_budget_batches_cap_rows_and_padded_tokens() -> None:
+def test_length_batches_cap_rows_and_padded_tokens() -> None:
     lengths = [5, 200, 7, 40, 6, 300, 41, 8]
-    batches = token_budget_batches(lengths, max_rows=3, max_tokens=100)
+    batches = length_batches(lengths, max_tokens=100, max_rows=3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 100
     assert [5] in batches and [1] in batches  # longer than the budget: alone
     assert batches[0] == [0, 4, 2]  # shortest first
+    assert length_batches(lengths, max_tokens=100) == [[0, 4, 2, 7], [3, 6], [1], [5]]  # no row cap
 
 
 def test_budgeted_batches_give_the_same_embeddings() -> None:
