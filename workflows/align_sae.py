@@ -325,7 +325,7 @@ def _swaps(
     summary = {
         "n_trials": len(trials),
         "reference_perplexity": ppl_ref,
-        "orig_success": _swap_row(ref, trials, ppl_ref)["success"],
+        "orig_success": swap_success(ref.predicted, [t.target for t in trials]),
         "max_ppl_increase": cfg.max_ppl_increase,
         "by_alpha": rows,
         "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in saes},

@@ -189,22 +189,21 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
     """Refuse to mix two pools in one dataset (the shard numbering would not agree); returns the
     shard order to use."""
     path = lake.path("manifests", f".{key.name}.progress.json")
-    expected = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size, "shard_order": SHARD_ORDER}
+    layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
+    order = SHARD_ORDER
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
-        expected["shard_order"] = found.get("shard_order", "source")
-        if {k: found.get(k) for k in ("fingerprint", "shard_size")} != {
-            k: expected[k] for k in ("fingerprint", "shard_size")
-        }:
+        if {k: found.get(k) for k in layout} != layout:
             raise SaealignError(
                 f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
+        order = found.get("shard_order", "source")
     if cfg.overwrite:
         for table in ("prompts", "embeddings", "activations", "latent_stats"):
             lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
-    lake.write_json(path, expected)
-    return str(expected["shard_order"])
+    lake.write_json(path, {**layout, "shard_order": order})
+    return order
 
 
 def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
