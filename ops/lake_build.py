@@ -131,13 +131,15 @@ class PromptEncoder:
         return prompts.select(PROMPTS.names), pa.concat_tables(acts_parts)
 
 
-def embed_shard(shard: pa.Table, embedder: str, batch_size: int = 64, max_batch_tokens: int = 4096) -> pa.Table:
+def embed_shard(
+    shard: pa.Table, embedder: str, batch_size: int = 64, max_batch_tokens: int = 4096, precision: str = "fp32"
+) -> pa.Table:
     """The embeddings table for one shard (L2-normalised vectors). Batches are capped at
     ``max_batch_tokens`` padded tokens, so the embedding actor's peak memory does not follow the
     longest prompts of the pool (64 prompts of 256 tokens need 4x the attention memory of 64 of
     128)."""
     texts = shard.column("text").to_pylist()
-    vectors = embed(texts, embedder, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    vectors = embed(texts, embedder, batch_size=batch_size, max_batch_tokens=max_batch_tokens, precision=precision)
     flat = pa.array(vectors.reshape(-1), pa.float32())
     return pa.table(
         {

