@@ -4,7 +4,8 @@ Pipeline (streaming, one row = one shard of prompts):
 
 1. ``ShardLatents`` actors (callable class, ``ActorPoolStrategy``; GPU-aware): run the LM to the
    hook, SAE-encode, summarise per prompt, write ``prompts`` and ``activations`` shard files.
-2. ``ShardEmbeddings`` actors: MiniLM embeddings (L2-normalised), write ``embeddings``.
+2. ``ShardEmbeddings`` actors: MiniLM embeddings (L2-normalised), write ``embeddings``. On a CPU
+   with bf16 matrix units they run under bf16 autocast (``--embed-precision auto``).
 
 Every shard file is written atomically and a stage skips a shard whose file exists, so a killed
 job re-run (or a retried actor) ends with exactly the rows of an uninterrupted run. The driver
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from itertools import zip_longest
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ops.embedders import EMBEDDED_EMBEDDER
+from ops.embedders import EMBEDDED_EMBEDDER, resolve_precision
 from ops.errors import SaealignError
 from ops.lake import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
 from ops.lake_build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
@@ -57,21 +58,30 @@ class BuildLakeConfig:
     """Prompt-level summary of token activations (spec §1)."""
     embedder: str = EMBEDDED_EMBEDDER
     """Sentence embedder for prompt embeddings."""
+    embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Embedder arithmetic on CPU: auto = bf16 autocast where the CPU has bf16 matrix units (AMX),
+    else fp32. A dataset keeps the precision it was started with when resumed."""
     context: int = 512
     """Tokens per prompt; longer prompts are truncated (counted in the manifest)."""
     shard_size: int = 128
     """Prompts per shard (the unit of resumption)."""
     batch_tokens: int = 4096
     """Padded tokens per LM batch inside a shard."""
-    workers: int = 1
-    """LM/SAE actors."""
+    workers: int = 0
+    """LM/SAE actors (0 = auto: with GPUs, the cluster's GPUs / --gpus-per-worker; on CPU, one
+    single-threaded actor per CPU, as many as --worker-memory-gb lets the cluster's memory hold)."""
     embed_workers: int = 1
     """Embedding actors."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved per actor."""
+    cpus_per_worker: float = 0.0
+    """CPUs reserved per actor, LM and embedding alike (0 = auto: 1 with GPUs; on CPU the cluster's
+    CPUs shared evenly among all actors, at most 1 each)."""
+    worker_memory_gb: float = 3.0
+    """Memory Ray reserves per LM/SAE actor (the embedded model and SAE peak at 2.4 GB RSS); with
+    --workers 0 it bounds how many actors start."""
     torch_threads: int = 0
-    """torch intra-op threads per actor (0 = its reserved CPUs). More threads than reserved CPUs
-    let the LM use the cores the embedding actor leaves idle (a small machine running both)."""
+    """torch intra-op threads per LM/SAE actor (0 = its reserved CPUs). More threads than reserved
+    CPUs let the LM use the cores the embedding actors leave idle (a small machine running both).
+    Embedding actors use their reserved CPUs."""
     gpus_per_worker: float = 0.0
     """GPUs per LM/SAE actor (0 on CPU)."""
     address: str = ""
@@ -84,8 +94,13 @@ class BuildLakeConfig:
     """Directory for coverage.png and coverage.json."""
 
     def __post_init__(self) -> None:
-        if self.shard_size <= 0 or self.workers <= 0 or self.embed_workers <= 0:
-            raise SaealignError("--shard-size, --workers and --embed-workers must be positive")
+        if self.shard_size <= 0 or self.embed_workers <= 0:
+            raise SaealignError("--shard-size and --embed-workers must be positive")
+        if min(self.workers, self.cpus_per_worker, self.worker_memory_gb, self.gpus_per_worker) < 0:
+            raise SaealignError("--workers, --cpus-per-worker, --worker-memory-gb and --gpus-per-worker must be >= 0")
+        resolve_precision(self.embed_precision)
+        if self.gpus_per_worker > 0 and self.embed_precision == "bf16":
+            raise SaealignError("--embed-precision bf16 is a CPU setting; fix: use auto or fp32 with GPUs")
         if self.torch_threads < 0:
             raise SaealignError(f"--torch-threads must be >= 0 (0 = the reserved CPUs), got {self.torch_threads}")
 
@@ -131,10 +146,10 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _set_threads(cfg: BuildLakeConfig) -> None:
+def _set_threads(threads: int) -> None:
     import torch
 
-    torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(threads)
 
 
 class ShardLatents:
@@ -143,7 +158,7 @@ class ShardLatents:
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
         from ops.lake_build import PromptEncoder
 
-        _set_threads(cfg)
+        _set_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
         device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
         self.encoder = PromptEncoder(cfg.model, cfg.sae, key.hook, cfg.summary, cfg.context, cfg.batch_tokens, device)
         self.lake, self.key = Lake(cfg.lake), key
@@ -164,8 +179,8 @@ class ShardEmbeddings:
     """Ray actor: sentence embeddings for one shard per call."""
 
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
-        _set_threads(cfg)
-        self.embedder = cfg.embedder
+        _set_threads(max(1, int(cfg.cpus_per_worker)))
+        self.embedder, self.precision = cfg.embedder, cfg.embed_precision
         self.lake, self.key = Lake(cfg.lake), key
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +189,8 @@ class ShardEmbeddings:
         shard, table = _unpack(batch)
         path = self.lake.shard_path("embeddings", self.key, shard)
         if not self.lake.exists(path):
-            self.lake.write_table(path, embed_shard(table, self.embedder), EMBEDDINGS)
+            vectors = embed_shard(table, self.embedder, precision=self.precision)
+            self.lake.write_table(path, vectors, EMBEDDINGS)
             _release_freed_memory()
         return {"shard": [shard], "prompts": [table.num_rows]}
 
@@ -185,12 +201,23 @@ the order a dataset was started with; records without one are from before length
 ("source"), so such a dataset resumes in its own layout instead of a mix of both."""
 
 
-def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> str:
+@dataclass(frozen=True)
+class Resume:
+    """What a dataset keeps from the run that started it."""
+
+    shard_order: str
+    embed_precision: str
+
+
+def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> Resume:
     """Refuse to mix two pools in one dataset (the shard numbering would not agree); returns the
-    shard order to use."""
+    shard order and embedding precision to use, those of the run that started the dataset.
+    Records from before either setting existed resume as source order and fp32."""
     path = lake.path("manifests", f".{key.name}.progress.json")
     layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
-    order = SHARD_ORDER
+    state = Resume(SHARD_ORDER, resolve_precision(cfg.embed_precision))
+    if cfg.gpus_per_worker > 0:
+        state = replace(state, embed_precision="fp32")
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
         if {k: found.get(k) for k in layout} != layout:
@@ -198,12 +225,20 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
                 f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
-        order = found.get("shard_order", "source")
+        state = Resume(found.get("shard_order", "source"), found.get("embed_precision", "fp32"))
+        if cfg.embed_precision not in ("auto", state.embed_precision):
+            log.warning(
+                "dataset %s was started with %s embeddings; resuming with %s, not --embed-precision %s",
+                key.name,
+                state.embed_precision,
+                state.embed_precision,
+                cfg.embed_precision,
+            )
     if cfg.overwrite:
         for table in ("prompts", "embeddings", "activations", "latent_stats"):
             lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
-    lake.write_json(path, {**layout, "shard_order": order})
-    return order
+    lake.write_json(path, {**layout, **asdict(state)})
+    return state
 
 
 def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
@@ -214,11 +249,53 @@ def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
     return DatasetKey(model=cfg.model, sae=sae_id(cfg.sae), hook=hook, summary=cfg.summary)
 
 
-def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, Any]], n_prompts: int) -> None:
+def resolve_layout(cfg: BuildLakeConfig, cluster: dict[str, float]) -> BuildLakeConfig:
+    """``cfg`` with ``workers`` and ``cpus_per_worker`` filled in for a cluster's resources
+    (``ray.cluster_resources()``: CPU, GPU, memory in bytes).
+
+    On CPU the auto layout runs one single-threaded LM actor per CPU and shares the CPUs evenly
+    among all actors, so that every actor is scheduled. Separate single-threaded processes use a
+    small machine's cores better than one multi-threaded actor (measured on a 2-core CPU: torch runs
+    the embedded LM only 1.46x faster on 2 threads than on 1), and they give the embedding stage the time
+    the LM actors spend outside torch."""
+    cpus = float(cluster.get("CPU", 0))
+    if cpus <= 0:
+        raise SaealignError("the Ray cluster reports no CPUs; fix: start Ray with CPUs (ray start --num-cpus N)")
+    workers, share = cfg.workers, cfg.cpus_per_worker
+    if cfg.gpus_per_worker > 0:
+        gpus = float(cluster.get("GPU", 0))
+        if workers == 0:
+            workers = int(gpus // cfg.gpus_per_worker)
+        if workers == 0:
+            raise SaealignError(
+                f"the Ray cluster has {gpus:g} GPUs, fewer than --gpus-per-worker {cfg.gpus_per_worker:g}; "
+                "fix: pass --workers N (an autoscaling cluster adds GPU nodes for them), or --gpus-per-worker 0 "
+                "to run on CPU"
+            )
+        return replace(cfg, workers=workers, cpus_per_worker=share or 1.0)
+    if workers == 0:
+        workers = int(cpus)
+        if cfg.worker_memory_gb:
+            memory = float(cluster.get("memory", 0))
+            workers = min(workers, int(memory // (cfg.worker_memory_gb * 2**30)))
+            if workers == 0:
+                raise SaealignError(
+                    f"the Ray cluster offers {memory / 2**30:.1f} GB of memory, less than --worker-memory-gb "
+                    f"{cfg.worker_memory_gb:g} for one LM actor; fix: lower --worker-memory-gb or add memory"
+                )
+    if share == 0:
+        share = min(1.0, cpus / (workers + cfg.embed_workers))
+    return replace(cfg, workers=workers, cpus_per_worker=share)
+
+
+def _run_pipeline(
+    cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, Any]], n_prompts: int
+) -> dict[str, float]:
+    """Runs the shards through both stages; returns seconds to the first finished shard (actor
+    start-up and model loading) and in all."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -229,6 +306,7 @@ def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, An
         compute=ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
+        memory=int(cfg.worker_memory_gb * 2**30),
         max_restarts=-1,
         max_task_retries=-1,
     ).map_batches(
@@ -240,9 +318,12 @@ def _run_pipeline(cfg: BuildLakeConfig, key: DatasetKey, rows: list[dict[str, An
         max_restarts=-1,
         max_task_retries=-1,
     )
+    start, first = time.perf_counter(), None
     with tqdm(total=n_prompts, desc="lake shards", unit="prompt") as bar:
         for row in ds.iter_rows():
+            first = first or time.perf_counter() - start
             bar.update(int(row["prompts"]))
+    return {"first_shard_s": round(first or 0.0, 2), "pipeline_s": round(time.perf_counter() - start, 2)}
 
 
 def build(cfg: BuildLakeConfig) -> dict[str, Any]:
@@ -251,23 +332,38 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
     pool = prepare_pool(read_many(list(cfg.pool), cfg.text_column))
     key = _dataset_key(cfg)
     lake = Lake(cfg.lake)
-    order = _check_progress(lake, key, pool, cfg)
-    shards = pool.shards(cfg.shard_size, order)
+    state = _check_progress(lake, key, pool, cfg)
+    cfg = replace(cfg, embed_precision=state.embed_precision)
+    shards = pool.shards(cfg.shard_size, state.shard_order)
     pending = {i for i, _ in shards if not lake.shard_done(key, i)}
     log.info("%d prompts in %d shards, %d to do", pool.table.num_rows, len(shards), len(pending))
     if not pending and lake.exists(lake.manifest_path(key)):
         log.info("dataset %s is complete; nothing to do", key.name)
         return lake.read_json(lake.manifest_path(key))
+    timings = {"prepare_s": round(time.perf_counter() - wall, 2)}
     if pending:
+        import ray
+
+        ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
+        cfg = resolve_layout(cfg, ray.cluster_resources())
+        log.info(
+            "%d LM/SAE actors and %d embedding actors, %.2f CPUs each",
+            cfg.workers,
+            cfg.embed_workers,
+            cfg.cpus_per_worker,
+        )
         rows = _shard_rows(shards, pending)
-        _run_pipeline(cfg, key, rows, sum(len(r["text"]) for r in rows))
+        timings.update(_run_pipeline(cfg, key, rows, sum(len(r["text"]) for r in rows)))
     missing = [i for i, _ in shards if not lake.shard_done(key, i)]
     if missing:
         raise SaealignError(f"{len(missing)} shards did not finish (first: {missing[0]}); re-run to resume")
-    return _finalise(cfg, key, lake, pool, time.perf_counter() - wall)
+    return _finalise(cfg, key, lake, pool, wall, timings)
 
 
-def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedPool, wall: float) -> dict[str, Any]:
+def _finalise(
+    cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedPool, wall: float, timings: dict[str, float]
+) -> dict[str, Any]:
+    """Writes ``latent_stats`` and the manifest; ``wall`` is the job's start (perf_counter)."""
     import pyarrow.dataset as pads
 
     def dataset(table: str) -> pads.Dataset:
@@ -300,7 +396,8 @@ def _finalise(cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedP
             "support>=20": int(pa.compute.sum(pa.compute.greater_equal(stats.column("support"), 20)).as_py())
             / sae.cfg.d_sae,
         },
-        wall_s=wall,
+        wall_s=round(time.perf_counter() - wall, 2),
+        timings=timings,
     )
     lake.write_json(lake.manifest_path(key), manifest)
     return manifest

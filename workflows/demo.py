@@ -38,8 +38,8 @@ class DemoConfig:
     """Sampling seeds per prompt."""
     max_new_tokens: int = 64
     """Tokens generated per prompt and method."""
-    workers: int = 1
-    """LM/SAE actors for the lake."""
+    workers: int = 0
+    """LM/SAE actors for the lake (0 = auto, as in build-lake)."""
 
 
 def _lake_step(cfg: DemoConfig, lake_dir: str) -> dict[str, Any]:

@@ -76,13 +76,16 @@ def test_a_dataset_resumes_in_the_shard_layout_it_was_started_with(tmp_path: Pat
 
     lake = Lake(str(tmp_path))
     pool = prepare_pool([TextTable("src", pa.table({"text": ["ccc", "a", "bb"]}))])
-    cfg = BuildLakeConfig(lake=str(tmp_path), shard_size=2)
-    assert _check_progress(lake, KEY, pool, cfg) == SHARD_ORDER == "length"
-    assert _check_progress(lake, KEY, pool, cfg) == "length"  # the same pool and layout resume
+    cfg = BuildLakeConfig(lake=str(tmp_path), shard_size=2, embed_precision="bf16")
+    assert _check_progress(lake, KEY, pool, cfg).shard_order == SHARD_ORDER == "length"
+    fp32 = BuildLakeConfig(lake=str(tmp_path), shard_size=2, embed_precision="fp32")
+    resumed = _check_progress(lake, KEY, pool, fp32)  # the same pool and layout resume as started
+    assert (resumed.shard_order, resumed.embed_precision) == ("length", "bf16")
     progress = lake.path("manifests", f".{KEY.name}.progress.json")
     record = lake.read_json(progress)
-    lake.write_json(progress, {k: v for k, v in record.items() if k != "shard_order"})  # started before length order
-    assert _check_progress(lake, KEY, pool, cfg) == "source"
+    lake.write_json(progress, {k: record[k] for k in ("fingerprint", "shard_size")})  # started before both settings
+    resumed = _check_progress(lake, KEY, pool, cfg)
+    assert (resumed.shard_order, resumed.embed_precision) == ("source", "fp32")
     assert [t.column("text").to_pylist() for _, t in pool.shards(2, "source")] == [["ccc", "a"], ["bb"]]
     assert [t.column("text").to_pylist() for _, t in pool.shards(2, "length")] == [["a", "bb"], ["ccc"]]
     shard = lake.shard_path("activations", KEY, 0)
@@ -91,9 +94,30 @@ def test_a_dataset_resumes_in_the_shard_layout_it_was_started_with(tmp_path: Pat
     with pytest.raises(SaealignError, match="another pool or shard size; fix: pass --overwrite"):
         _check_progress(lake, KEY, other, cfg)
     assert lake.exists(shard)  # refused without touching what was written
-    assert (
-        _check_progress(lake, KEY, other, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True)) == "length"
-    )
+    rebuilt = _check_progress(lake, KEY, other, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True))
+    assert rebuilt.shard_order == "length"
     assert not lake.exists(shard)
     with pytest.raises(SaealignError, match="unknown shard order"):
         pool.shards(2, "random")
+
+
+def test_auto_layout_fills_the_cluster_and_explicit_values_stay() -> None:
+    from workflows.build_lake import BuildLakeConfig, resolve_layout
+
+    gb = 2**30
+    two_cpus = resolve_layout(BuildLakeConfig(), {"CPU": 2.0, "memory": 16 * gb})
+    assert (two_cpus.workers, two_cpus.embed_workers) == (2, 1)
+    assert two_cpus.workers * two_cpus.cpus_per_worker + two_cpus.cpus_per_worker <= 2.0  # all actors fit
+    assert resolve_layout(BuildLakeConfig(), {"CPU": 16.0, "memory": 10 * gb}).workers == 3  # memory-bound
+    big = resolve_layout(BuildLakeConfig(), {"CPU": 16.0, "memory": 100 * gb})
+    assert (big.workers, big.cpus_per_worker) == (16, 16 / 17)
+    gpus = resolve_layout(BuildLakeConfig(gpus_per_worker=1), {"CPU": 8.0, "GPU": 4.0, "memory": gb})
+    assert (gpus.workers, gpus.cpus_per_worker) == (4, 1.0)
+    fixed = BuildLakeConfig(workers=3, cpus_per_worker=0.5)
+    assert resolve_layout(fixed, {"CPU": 2.0, "memory": 16 * gb}) == fixed
+    with pytest.raises(SaealignError, match="fewer than --gpus-per-worker 1; fix: pass --workers N"):
+        resolve_layout(BuildLakeConfig(gpus_per_worker=1), {"CPU": 8.0, "memory": 16 * gb})
+    with pytest.raises(SaealignError, match="less than --worker-memory-gb 3 for one LM actor; fix"):
+        resolve_layout(BuildLakeConfig(), {"CPU": 2.0, "memory": 2 * gb})
+    with pytest.raises(SaealignError, match="must be >= 0"):
+        BuildLakeConfig(workers=-1)
