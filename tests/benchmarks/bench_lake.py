@@ -15,6 +15,7 @@ PSS, and each role's peak RSS).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -57,17 +58,28 @@ class PeakMemory:
     """Samples, every 2 s, the memory of this process, every Ray worker and the Ray system
     processes. Keeps the peak of the summed RSS, the peak of the summed PSS (shared pages, such as
     the object store's, split between the processes mapping them instead of counted in each), and
-    each role's own peak RSS, to show which part grows."""
+    each role's own peak RSS, to show which part grows. Also the CPU seconds each role used while
+    sampled (a process's last reading minus its first; processes born later start from 0)."""
 
     def __init__(self) -> None:
         self.peak_rss = 0
         self.peak_pss = 0
         self.by_role: dict[str, int] = {}
+        self._cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (role, first, last)
+        self.own_cpu = 0.0  # this sampler's CPU seconds (counted in the driver's)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def cpu_by_role(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for role, first, last in self._cpu.values():
+            out[role] = out.get(role, 0.0) + last - first
+        return out
+
     def _run(self) -> None:
         me = os.getpid()
+        started = False
         while not self._stop.is_set():
             rss = pss = 0
             roles: dict[str, int] = {}
@@ -81,10 +93,16 @@ class PeakMemory:
                     continue
                 rss += mem.rss
                 pss += getattr(mem, "pss", mem.rss)
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    used = sum(p.cpu_times()[:2])
+                    first = self._cpu[p.pid][1] if p.pid in self._cpu else (used if not started else 0.0)
+                    self._cpu[p.pid] = (role, first, used)
                 roles[role] = roles.get(role, 0) + mem.rss
+            started = True
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             for role, value in roles.items():
                 self.by_role[role] = max(self.by_role.get(role, 0), value)
+            self.own_cpu = time.thread_time()
             time.sleep(2.0)  # reading every process's smaps costs CPU the lake shares
 
     def __enter__(self) -> PeakMemory:
@@ -96,24 +114,24 @@ class PeakMemory:
         self._thread.join()
 
 
-def plain_loop(texts: list[str], hook: str, context: int, batch_tokens: int) -> tuple[float, int]:
-    """(seconds, tokens) of the plain loop, run in a child process so that its model and buffers
-    are not counted in the driver's memory during the lake build."""
+def plain_loop(texts: list[str], hook: str, context: int, batch_tokens: int) -> tuple[float, int, float]:
+    """(seconds, tokens, CPU seconds) of the plain loop, run in a child process so that its model
+    and buffers are not counted in the driver's memory during the lake build."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
         return pool.apply(_plain_loop, (texts, hook, context, batch_tokens))
 
 
-def _plain_loop(texts: list[str], hook: str, context: int, batch_tokens: int) -> tuple[float, int]:
+def _plain_loop(texts: list[str], hook: str, context: int, batch_tokens: int) -> tuple[float, int, float]:
     model = load_model()
     _ = model.tl
     n_tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for batch in iter_batches(model, texts, batch_tokens, context):
             run_to_hook(model, batch, hook)
             n_tokens += int(batch.attention_mask.sum())
-    return time.perf_counter() - start, n_tokens
+    return time.perf_counter() - start, n_tokens, time.process_time() - cpu
 
 
 def pool_spec(size: int, sample: str, out_dir: Path) -> str:
@@ -135,7 +153,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 12500])
     parser.add_argument("--sae", default="default")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="build-lake --workers (0 = auto)")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.0, help="build-lake --cpus-per-worker (0 = auto)")
     parser.add_argument("--torch-threads", type=int, default=0, help="build-lake --torch-threads")
     parser.add_argument("--keep", help="write the lakes to KEEP/pool-<size> and keep them (e.g. for bench_scoring)")
     parser.add_argument(
@@ -155,7 +174,7 @@ def main() -> None:
     for size in args.sizes:
         spec = pool_spec(size, args.sample, samples)
         texts = read_texts(spec).texts
-        plain_s, tokens = plain_loop(texts, hook, args.context, 4096)
+        plain_s, tokens, plain_cpu = plain_loop(texts, hook, args.context, 4096)
         with tempfile.TemporaryDirectory() as tmp, PeakMemory() as mem:
             lake_dir = Path(args.keep) / f"pool-{size}" if args.keep else Path(tmp)
             if args.keep and lake_dir.exists():
@@ -168,12 +187,19 @@ def main() -> None:
                     pool=(spec,),
                     context=args.context,
                     workers=args.workers,
+                    cpus_per_worker=args.cpus_per_worker,
                     torch_threads=args.torch_threads,
                 )
             )
             lake_s = time.perf_counter() - t0
         n = manifest["rows"]["prompts"]
         rows.append((size, n, tokens, plain_s, lake_s, mem))
+        print(f"pool {size}: plain loop {plain_s:.1f}s wall, {plain_cpu:.1f} CPU-s; sampler {mem.own_cpu:.1f} CPU-s")
+        c = manifest["config"]
+        print(
+            f"pool {size}: lake phases {manifest['timings']}; {c['workers']} LM actors + {c['embed_workers']} "
+            f"embedding actors at {c['cpus_per_worker']:.2f} CPUs; embeddings {c['embed_precision']}"
+        )
     print(f"machine: {os.cpu_count()} CPUs; hook {hook}; SAE {args.sae}")
     print(
         f"{'pool':>6} {'tokens':>8} {'plain tok/s':>11} {'lake tok/s':>10} {'lake prompt/s':>13} "
@@ -187,6 +213,9 @@ def main() -> None:
     print("peak RSS by role (GiB): " + ", ".join(f"pool {r[0]}" for r in rows))
     for role in sorted({role for r in rows for role in r[5].by_role}):
         print(f"  {role:<18} " + "  ".join(f"{r[5].by_role.get(role, 0) / 2**30:>6.2f}" for r in rows))
+    print("CPU seconds by role during the lake build: " + ", ".join(f"pool {r[0]}" for r in rows))
+    for role in sorted({role for r in rows for role in r[5].cpu_by_role}):
+        print(f"  {role:<18} " + "  ".join(f"{r[5].cpu_by_role.get(role, 0):>6.1f}" for r in rows))
     print("paper (V100, TransformerLens): set-up 12.4 min for 8K prompts")
 
 
