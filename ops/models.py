@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -166,15 +167,22 @@ def _materialise_smollm2(gguf: Path, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
+    # one scratch directory per process: several Ray actors may fill an empty cache at once
+    tmp = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors now.
     model.config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if target.exists() and not (target / "config.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # left incomplete by an older version
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; same content
 
 
 def _llama_tl_config(hf_config: Any, n_ctx: int, device: str) -> Any:
@@ -224,15 +232,28 @@ def hooked_from_llama(hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, dev
     return tl
 
 
-@register(EMBEDDED_MODEL)
-def _load_smollm2(device: str) -> LanguageModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def prepare_model_files(name: str) -> None:
+    """Fill the embedded model's float32 cache if it is empty (a no-op for other models). A job
+    calls it once before starting several actors, so that they do not all dequantise at once."""
+    if name == EMBEDDED_MODEL:
+        _smollm2_files()
 
+
+def _smollm2_files() -> tuple[Path, bool]:
+    """(the float32 cache directory, whether it was there already)."""
     gguf = smollm2_gguf_path()
     cached = _smollm2_cache(gguf)
     from_cache = (cached / "config.json").is_file()
     if not from_cache:
         _materialise_smollm2(gguf, cached)
+    return cached, from_cache
+
+
+@register(EMBEDDED_MODEL)
+def _load_smollm2(device: str) -> LanguageModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached, from_cache = _smollm2_files()
     tokenizer = AutoTokenizer.from_pretrained(cached)
     hf = _freeze(AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)).to(device)
     model = LanguageModel(

@@ -30,7 +30,7 @@ from ops.errors import SaealignError
 from ops.lake import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
 from ops.lake_build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
 from ops.manifest import base_manifest
-from ops.models import EMBEDDED_MODEL
+from ops.models import EMBEDDED_MODEL, prepare_model_files
 from ops.saes import load_sae, sae_hook_name, sae_id
 from ops.texts import read_many
 from workflows._config import parse_config
@@ -346,6 +346,8 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
 
         ray.init(address=cfg.address or None, ignore_reinit_error=True, log_to_driver=False)
         cfg = resolve_layout(cfg, ray.cluster_resources())
+        if not cfg.address:
+            prepare_model_files(cfg.model)  # local actors share this machine's cache
         log.info(
             "%d LM/SAE actors and %d embedding actors, %.2f CPUs each",
             cfg.workers,

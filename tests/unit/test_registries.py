@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,3 +69,37 @@ def test_missing_sae_directory(tmp_path: object) -> None:
 
 def test_tiny_model_runs() -> None:
     assert _tiny_model().tl(torch.zeros((1, 4), dtype=torch.long)).shape == (1, 4, 50)
+
+
+def test_a_second_process_filling_the_model_cache_keeps_the_first_ones_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two LM actors may dequantise the embedded model into an empty cache at the same time: the
+    one that finishes second must neither fail nor replace the finished copy."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ops import models
+
+    class Tokenizer:
+        def save_pretrained(self, path: Path) -> None:
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=32,
+        )
+    )
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
+    target = tmp_path / "models" / "smollm2"
+    models._materialise_smollm2(tmp_path / "model.gguf", target)
+    first = (target / "model.safetensors").stat().st_mtime_ns
+    models._materialise_smollm2(tmp_path / "model.gguf", target)  # the slower process
+    assert (target / "config.json").is_file() and (target / "model.safetensors").stat().st_mtime_ns == first
+    assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2"]  # no scratch left behind
