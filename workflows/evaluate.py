@@ -113,9 +113,13 @@ def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str
 
 
 def _diffmean(model: Any, hook: str, align: list[str], lake: Lake, key: DatasetKey) -> torch.Tensor:
-    """Mean hook activation of P_align minus that of (up to 512) reference prompts."""
+    """Mean hook activation of P_align minus that of up to 512 reference prompts, drawn at random
+    (seeded) from the lake: its shards are cut in length order, so the first rows would be the
+    shortest prompts."""
     prompts = pads.dataset(lake.table_glob("prompts", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
-    ref = prompts.head(512, columns=["text"]).column("text").to_pylist()
+    texts = prompts.to_table(columns=["prompt_id", "text"]).sort_by("prompt_id").column("text").to_pylist()
+    rows = np.random.default_rng(0).choice(len(texts), min(512, len(texts)), replace=False)
+    ref = [texts[i] for i in sorted(rows)]
     return mean_hook_activation(model, align, hook) - mean_hook_activation(model, ref, hook)
 
 
