@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import torch
 
 from ops.activations import iter_batches, run_to_hook
-from ops.embedders import embed
+from ops.embedders import Precision, embed
 from ops.errors import SaealignError
 from ops.lake import EMBEDDINGS, LATENT_STATS, PROMPTS, prompt_id
 from ops.models import load_model
@@ -132,7 +132,7 @@ class PromptEncoder:
 
 
 def embed_shard(
-    shard: pa.Table, embedder: str, batch_size: int = 64, max_batch_tokens: int = 4096, precision: str = "fp32"
+    shard: pa.Table, embedder: str, batch_size: int = 64, max_batch_tokens: int = 4096, precision: Precision = "fp32"
 ) -> pa.Table:
     """The embeddings table for one shard (L2-normalised vectors). Batches are capped at
     ``max_batch_tokens`` padded tokens, so the embedding actor's peak memory does not follow the

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ops.embedders import EMBEDDED_EMBEDDER, resolve_precision
+from ops.embedders import EMBEDDED_EMBEDDER, Precision, resolve_precision
 from ops.errors import SaealignError
 from ops.lake import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
 from ops.lake_build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
@@ -58,7 +58,7 @@ class BuildLakeConfig:
     """Prompt-level summary of token activations (spec §1)."""
     embedder: str = EMBEDDED_EMBEDDER
     """Sentence embedder for prompt embeddings."""
-    embed_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    embed_precision: Precision = "auto"
     """Embedder arithmetic on CPU: auto = bf16 autocast where the CPU has bf16 matrix units (AMX),
     else fp32. A dataset keeps the precision it was started with when resumed."""
     context: int = 512
@@ -206,7 +206,7 @@ class Resume:
     """What a dataset keeps from the run that started it."""
 
     shard_order: str
-    embed_precision: str
+    embed_precision: Precision
 
 
 def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> Resume:
@@ -225,7 +225,7 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
                 f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
-        state = Resume(found.get("shard_order", "source"), found.get("embed_precision", "fp32"))
+        state = Resume(found.get("shard_order", "source"), resolve_precision(found.get("embed_precision", "fp32")))
         if cfg.embed_precision not in ("auto", state.embed_precision):
             log.warning(
                 "dataset %s was started with %s embeddings; resuming with %s, not --embed-precision %s",
