@@ -307,15 +307,17 @@ def _run_pipeline(
         num_cpus=cfg.cpus_per_worker,
         num_gpus=cfg.gpus_per_worker,
         memory=int(cfg.worker_memory_gb * 2**30),
+        max_restarts=-1,
+        max_task_retries=-1,
     ).map_batches(
         ShardEmbeddings,
         fn_constructor_kwargs={"cfg": cfg, "key": key},
         batch_size=1,
         compute=ActorPoolStrategy(size=cfg.embed_workers),
         num_cpus=cfg.cpus_per_worker,
+        max_restarts=-1,
+        max_task_retries=-1,
     )
-    # Ray Data restarts dead actors and retries their shards by default (max_restarts=-1,
-    # max_task_retries=-1); a retried shard whose files exist is skipped.
     start, first = time.perf_counter(), None
     with tqdm(total=n_prompts, desc="lake shards", unit="prompt") as bar:
         for row in ds.iter_rows():
