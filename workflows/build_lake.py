@@ -59,8 +59,9 @@ class BuildLakeConfig:
     embedder: str = EMBEDDED_EMBEDDER
     """Sentence embedder for prompt embeddings."""
     embed_precision: Precision = "auto"
-    """Embedder arithmetic on CPU: auto = bf16 autocast where the CPU has bf16 matrix units (AMX),
-    else fp32. A dataset keeps the precision it was started with when resumed."""
+    """Embedder arithmetic (the embedding actors run on CPU): auto = bf16 autocast where the CPU
+    that starts the job has bf16 matrix units (AMX), else fp32. A dataset keeps the precision it
+    was started with when resumed."""
     context: int = 512
     """Tokens per prompt; longer prompts are truncated (counted in the manifest)."""
     shard_size: int = 128
@@ -99,8 +100,6 @@ class BuildLakeConfig:
         if min(self.workers, self.cpus_per_worker, self.worker_memory_gb, self.gpus_per_worker) < 0:
             raise SaealignError("--workers, --cpus-per-worker, --worker-memory-gb and --gpus-per-worker must be >= 0")
         resolve_precision(self.embed_precision)
-        if self.gpus_per_worker > 0 and self.embed_precision == "bf16":
-            raise SaealignError("--embed-precision bf16 is a CPU setting; fix: use auto or fp32 with GPUs")
         if self.torch_threads < 0:
             raise SaealignError(f"--torch-threads must be >= 0 (0 = the reserved CPUs), got {self.torch_threads}")
 
@@ -216,8 +215,6 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
     path = lake.path("manifests", f".{key.name}.progress.json")
     layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
     state = Resume(SHARD_ORDER, resolve_precision(cfg.embed_precision))
-    if cfg.gpus_per_worker > 0:
-        state = replace(state, embed_precision="fp32")
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
         if {k: found.get(k) for k in layout} != layout:
