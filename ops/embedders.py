@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import lru_cache
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_EMBEDDER = "all-MiniLM-L6-v2"
 
 Precision = Literal["fp32", "bf16", "auto"]
-PRECISIONS = ("fp32", "bf16", "auto")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 def resolve_precision(precision: str) -> Precision:

@@ -145,10 +145,11 @@ def _release_freed_memory() -> None:
         trim(0)
 
 
-def _set_threads(threads: int) -> None:
+def _set_threads(threads: float) -> None:
+    """torch intra-op threads: ``threads`` (a CPU reservation may be fractional), at least 1."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(threads)))
 
 
 class ShardLatents:
@@ -157,7 +158,7 @@ class ShardLatents:
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
         from ops.lake_build import PromptEncoder
 
-        _set_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_worker)))
+        _set_threads(cfg.torch_threads or cfg.cpus_per_worker)
         device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
         self.encoder = PromptEncoder(cfg.model, cfg.sae, key.hook, cfg.summary, cfg.context, cfg.batch_tokens, device)
         self.lake, self.key = Lake(cfg.lake), key
@@ -178,7 +179,7 @@ class ShardEmbeddings:
     """Ray actor: sentence embeddings for one shard per call."""
 
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
-        _set_threads(max(1, int(cfg.cpus_per_worker)))
+        _set_threads(cfg.cpus_per_worker)
         self.embedder, self.precision = cfg.embedder, cfg.embed_precision
         self.lake, self.key = Lake(cfg.lake), key
 
@@ -225,9 +226,8 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
         state = Resume(found.get("shard_order", "source"), resolve_precision(found.get("embed_precision", "fp32")))
         if cfg.embed_precision not in ("auto", state.embed_precision):
             log.warning(
-                "dataset %s was started with %s embeddings; resuming with %s, not --embed-precision %s",
+                "dataset %s was started with %s embeddings and resumes with them, not --embed-precision %s",
                 key.name,
-                state.embed_precision,
                 state.embed_precision,
                 cfg.embed_precision,
             )
