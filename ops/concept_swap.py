@@ -455,6 +455,38 @@ def swap_specs(trials: Sequence[SwapTrial], alpha: float) -> list[SwapSpec]:
     return [SwapSpec({t.target: alpha}, (t.source,)) for t in trials]
 
 
+def concept_means(tokens: torch.Tensor, offsets: torch.Tensor, labels: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Mean hook activation over every counted token of each concept's texts (text i owns
+    ``tokens[offsets[i]:offsets[i+1]]``); float32 vectors keyed by concept."""
+    if len(offsets) != len(labels) + 1:
+        raise SaealignError(f"{len(offsets) - 1} texts of activations for {len(labels)} labels")
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        part = tokens[int(offsets[i]) : int(offsets[i + 1])].float()
+        if len(part):
+            sums[label] = sums.get(label, torch.zeros(tokens.shape[-1])) + part.sum(0)
+            counts[label] = counts.get(label, 0) + len(part)
+    return {c: sums[c] / counts[c] for c in sums}
+
+
+def make_diffmean_editor(
+    means: Mapping[str, torch.Tensor], trials: Sequence[SwapTrial], alpha: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The no-SAE control of a concept swap: add α × (mean of the target − mean of the source) to
+    the hook activation of every counted token of trial ``rows[i]`` (a DiffMean steering vector;
+    α = 1 moves the source concept's mean onto the target's)."""
+    missing = sorted({c for t in trials for c in (t.source, t.target) if c not in means})
+    if missing:
+        raise SaealignError(f"no mean activation for concept(s) {', '.join(missing)}; fix: give them training texts")
+    deltas = torch.stack([alpha * (means[t.target] - means[t.source]) for t in trials])
+
+    def apply(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return x + deltas.to(x.device, x.dtype)[rows]
+
+    return apply
+
+
 def parse_concept_settings(items: Sequence[str]) -> dict[str, float]:
     """``["topic:sports=2", "sentiment:positive=0.5"]`` -> {concept: α} (for ``--concept-set``)."""
     out: dict[str, float] = {}

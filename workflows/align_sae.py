@@ -16,12 +16,13 @@ Output directory: the aligned SAE (sae-lens ``cfg.json`` + ``sae_weights.safeten
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +58,8 @@ from ops.concept_swap import (
     SwapOutcome,
     SwapTrial,
     VanillaConceptSAE,
+    concept_means,
+    make_diffmean_editor,
     make_editor,
     plan_swaps,
     run_trials,
@@ -69,6 +72,8 @@ from ops.ontology import Ontology, check_concepts, load_ontology, split_ontology
 from ops.saes import check_sae_fits, load_sae
 from ops.texts import read_many
 from workflows._config import parse_config
+
+Editor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +141,9 @@ class AlignSAEConfig:
     """Tokens generated per swap."""
     swap_keep_error: bool = True
     """Add the SAE error back when writing the edited activation (only the slots change)."""
+    swap_control: bool = False
+    """Also run the no-SAE control at every α: add α × (target concept's mean activation − source
+    concept's mean) at the hook (a DiffMean steering vector), judged the same way."""
     max_ppl_increase: float = 0.30
     """Perplexity bound for the best α: the geometric-mean perplexity of its continuations at most
     (1 + this) x that of the unsteered continuations of the same prompts."""
@@ -312,12 +320,18 @@ def _swaps(
     ref = run_trials(model, trials, **run)  # type: ignore[arg-type]
     ppl_ref = geometric_mean([p for p in ref.perplexities if np.isfinite(p)])
     records = [_record(t, "orig", 0.0, ref, i) for i, t in enumerate(trials)]
+    editors: dict[str, Callable[[float], Editor]] = {
+        name: functools.partial(_slot_editor, csae, trials, cfg.swap_keep_error) for name, csae in saes.items()
+    }
+    if cfg.swap_control:
+        train = data.acts["train"]
+        means = concept_means(train.tokens, train.offsets, data.train.labels)
+        editors["diffmean"] = functools.partial(make_diffmean_editor, means, trials)
     rows = []
     for alpha in cfg.swap_alphas:
         row: dict[str, Any] = {"alpha": alpha}
-        for name, csae in saes.items():
-            editor = make_editor(csae, swap_specs(trials, alpha), cfg.swap_keep_error)
-            outcome = run_trials(model, trials, hook=hook, editor=editor, **run)  # type: ignore[arg-type]
+        for name, editor_at in editors.items():
+            outcome = run_trials(model, trials, hook=hook, editor=editor_at(alpha), **run)  # type: ignore[arg-type]
             row[name] = _swap_row(outcome, trials, ppl_ref)
             records += [_record(t, name, alpha, outcome, i) for i, t in enumerate(trials)]
         log.info("swap α=%s: %s", alpha, row)
@@ -328,9 +342,13 @@ def _swaps(
         "orig_success": swap_success(ref.predicted, [t.target for t in trials]),
         "max_ppl_increase": cfg.max_ppl_increase,
         "by_alpha": rows,
-        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in saes},
+        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in editors},
     }
     return summary, records
+
+
+def _slot_editor(csae: ConceptSAE, trials: list[SwapTrial], keep_error: bool, alpha: float) -> Editor:
+    return make_editor(csae, swap_specs(trials, alpha), keep_error)
 
 
 def _best(rows: list[dict[str, Any]], name: str, max_increase: float) -> dict[str, Any] | None:
@@ -449,16 +467,22 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'swap success at best α':<34}{cells[0]:>14}{cells[1]:>14}")
         ratios = [f"{b['ppl_ratio']:.3f}" if b else "-" for b in best]
         lines.append(f"{'  perplexity ratio at best α':<34}{ratios[0]:>14}{ratios[1]:>14}")
+        names = [n for n in swap["best"] if n in ("vanilla", "aligned", "diffmean")]
+        titles = {"vanilla": "vanilla", "aligned": "AlignSAE", "diffmean": "DiffMean control"}
         lines += [
             "",
             f"swap success vs α ({swap['n_trials']} trials; success = continuation classified as the "
             f"target; best α = highest success with {bound}; unsteered: success "
             f"{_pct(swap['orig_success'])}, perplexity {swap['reference_perplexity']:.2f})",
         ]
-        lines.append(f"{'α':>6}  {'vanilla success / ppl×':>24}  {'AlignSAE success / ppl×':>24}")
+        lines.append(f"{'α':>6}" + "".join(f"  {titles[n] + ' success / ppl×':>32}" for n in names))
         for row in swap["by_alpha"]:
-            cells = [f"{_pct(r['success'])} / {r['ppl_ratio']:.3f}" for r in (row["vanilla"], row["aligned"])]
-            lines.append(f"{_g(row['alpha']):>6}  {cells[0]:>24}  {cells[1]:>24}")
+            cells = [f"{_pct(row[n]['success'])} / {row[n]['ppl_ratio']:.3f}" for n in names]
+            lines.append(f"{_g(row['alpha']):>6}" + "".join(f"  {c:>32}" for c in cells))
+        if "diffmean" in names:
+            b = swap["best"]["diffmean"]
+            cell = f"{_pct(b['success'])} (α={_g(b['alpha'])}, ppl× {b['ppl_ratio']:.3f})" if b else "none"
+            lines.append(f"DiffMean control (no SAE) at its best α within the bound: {cell}")
     lines += ["", "per-concept AUC (vanilla -> AlignSAE):"]
     lines += [f"  {c:<28}{van['auc'][c]:.3f} -> {ali['auc'][c]:.3f}" for c in report["concepts"]]
     lines += ["", "goals:"] + [f"  [{'x' if ok else ' '}] {name}" for name, ok in report["goals"].items()]

@@ -4,6 +4,9 @@ success vs α. Not a test: run it by hand and read the table::
 
     .venv/bin/python tests/benchmarks/bench_alignsae.py [--sae DIR] [--out DIR] [--swap-prompts N]
 
+The swap sweep also runs the no-SAE control (``--no-swap-control`` skips it): a DiffMean steering
+vector, α × (target concept's mean activation − source concept's mean), judged the same way.
+
 The SAE defaults to the shipped default (``ops/data/sae/default``).
 """
 
@@ -36,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage2-steps", type=int, default=400)
     parser.add_argument("--lambda-indep", type=float, default=0.0)
     parser.add_argument("--activation-cache", default="out/bench_alignsae_cache")
+    parser.add_argument(
+        "--swap-control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the no-SAE DiffMean control at every α (default: on)",
+    )
     args = parser.parse_args(argv)
     if not CONCEPTS.is_file():
         raise SystemExit(f"{CONCEPTS} not found: the benchmark needs ../shared/data beside the checkout")
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         stage2_steps=args.stage2_steps,
         lambda_indep=args.lambda_indep,
         activation_cache=args.activation_cache,
+        swap_control=args.swap_control,
     )
     report = build(cfg)
     table = format_report(report)

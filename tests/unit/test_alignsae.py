@@ -22,9 +22,12 @@ from ops.alignsae import (
 from ops.concept_metrics import concept_auc
 from ops.concept_swap import (
     SwapSpec,
+    SwapTrial,
     VanillaConceptSAE,
+    concept_means,
     concept_swap_generate,
     generate_ids,
+    make_diffmean_editor,
     make_editor,
     plan_swaps,
     steering_hook,
@@ -198,6 +201,30 @@ def test_plan_swaps_targets_stay_in_family() -> None:
     assert all(t.source != t.target and FAMILIES[t.source] == FAMILIES[t.target] == "fam" for t in trials)
     assert {t.source for t in trials} == {"fam:a", "fam:b"}
     assert trials == plan_swaps(texts, labels, FAMILIES, per_family=6, seed=0)
+
+
+def test_concept_means_weight_every_token() -> None:
+    tokens = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [5.0, 0.0]], dtype=torch.float16)
+    offsets = torch.tensor([0, 2, 3, 4])  # texts: 2 tokens (a), 1 token (b), 1 token (a)
+    means = concept_means(tokens, offsets, ["fam:a", "fam:b", "fam:a"])
+    torch.testing.assert_close(means["fam:a"], torch.tensor([3.0, 0.0]))  # (1 + 3 + 5) / 3, not a mean of text means
+    torch.testing.assert_close(means["fam:b"], torch.tensor([0.0, 2.0]))
+    with pytest.raises(SaealignError, match="labels"):
+        concept_means(tokens, offsets, ["fam:a"])
+
+
+def test_diffmean_editor_moves_each_row_from_source_to_target_mean() -> None:
+    means = {"fam:a": torch.tensor([1.0, 0.0]), "fam:b": torch.tensor([0.0, 1.0])}
+    trials = [
+        SwapTrial("p", "fam:a", "fam:b", ("fam:a", "fam:b")),
+        SwapTrial("q", "fam:b", "fam:a", ("fam:a", "fam:b")),
+    ]
+    edit = make_diffmean_editor(means, trials, alpha=2.0)
+    x = torch.zeros(3, 2)
+    out = edit(x, torch.tensor([0, 1, 0]))
+    torch.testing.assert_close(out, torch.tensor([[-2.0, 2.0], [2.0, -2.0], [-2.0, 2.0]]))
+    with pytest.raises(SaealignError, match="fam:c"):
+        make_diffmean_editor(means, [SwapTrial("r", "fam:a", "fam:c", ("fam:a", "fam:c"))], 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
