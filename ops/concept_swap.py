@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ops.activations import special_token_ids
 from ops.errors import SaealignError
-from ops.generation import left_pad
+from ops.generation import SamplingParams, decode_loop, left_pad
 from ops.models import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,6 @@ def steering_hook(
 # Generation and perplexity
 
 
-def _next_token(logits: torch.Tensor, gen: torch.Generator | None, top_k: int) -> torch.Tensor:
-    if gen is None or top_k == 1:
-        return logits.argmax(-1)
-    values, idx = logits.float().topk(top_k, dim=-1)
-    choice = torch.multinomial(F.softmax(values, -1).cpu(), 1, generator=gen).to(idx.device)
-    return idx.gather(-1, choice).squeeze(-1)
-
-
-@torch.no_grad()
 def generate_ids(
     model: LanguageModel,
     prompt_ids: Sequence[Sequence[int]],
@@ -219,63 +210,37 @@ def generate_ids(
     hook_name: str | None = None,
     edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt (batched, KV cache), with ``edit`` applied at ``hook_name`` on every
-    counted position. ``seed`` None or ``top_k`` 1 = greedy; else top-k sampling seeded per call.
-    Returns the new token ids per prompt, cut after the first EOS."""
+    """Continue each prompt with the project's decode loop (``ops.generation.decode_loop``:
+    batched, KV cache, one sampling generator per row), with ``edit`` applied at ``hook_name`` on
+    every counted position. ``seed`` None or ``top_k`` 1 = greedy; else top-k sampling with every
+    row seeded by ``seed``. Returns the new token ids per prompt, cut after the first EOS."""
     special = torch.tensor(special_token_ids(model))
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    batch = left_pad([list(row) for row in prompt_ids], pad, "cpu")
-    tokens, mask = batch.input_ids, batch.attention_mask
-    keep = mask.bool() & ~torch.isin(tokens, special)
-    keep &= mask.cumsum(1) > 1  # not the first real position
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    ctx = steering_hook(model, hook_name, edit) if edit is not None and hook_name else None
-    state = ctx.__enter__() if ctx is not None else _HookState()
-    try:
-        return _decode_loop(model, tokens, mask, keep, special, state, gen, top_k, max_new_tokens)
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-
-
-def _decode_loop(
-    model: LanguageModel,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    keep: torch.Tensor,
-    special: torch.Tensor,
-    state: _HookState,
-    gen: torch.Generator | None,
-    top_k: int,
-    max_new_tokens: int,
-) -> list[list[int]]:
-    dev = model.device
     eos = model.tokenizer.eos_token_id
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    out: list[list[int]] = [[] for _ in range(len(tokens))]
-    done = torch.zeros(len(tokens), dtype=torch.bool)
-    cache = None
-    inputs, pos = tokens, positions
-    for _ in range(max_new_tokens):
+    batch = left_pad([list(row) for row in prompt_ids], pad, str(model.device))
+    mask = batch.attention_mask.cpu()
+    keep = mask.bool() & ~torch.isin(batch.input_ids.cpu(), special)
+    keep &= mask.cumsum(1) > 1  # not the first real position
+    greedy = seed is None or top_k == 1
+    params = SamplingParams(max_new_tokens=max_new_tokens, greedy=greedy, top_k=top_k, seed=seed or 0)
+    finished = torch.zeros(len(batch.ids), dtype=torch.bool)
+
+    def next_positions(_step: int, nxt: torch.Tensor) -> None:
+        nxt = nxt.cpu()
+        state.keep = (~finished & ~torch.isin(nxt, special))[:, None]
+        finished.logical_or_(nxt == eos)
+
+    hooked: AbstractContextManager[_HookState] = (
+        steering_hook(model, hook_name, edit) if edit is not None and hook_name else nullcontext(_HookState())
+    )
+    with hooked as state:
         state.keep = keep
-        res = model.hf(
-            input_ids=inputs.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=pos.to(dev),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache = res.past_key_values
-        nxt = _next_token(res.logits[:, -1], gen, top_k).cpu()
-        for i in (~done).nonzero()[:, 0].tolist():
-            out[i].append(int(nxt[i]))
-        done |= nxt == eos
-        if done.all():
-            break
-        inputs, pos = nxt[:, None], pos[:, -1:] + 1
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        keep = (~done & ~torch.isin(nxt, special))[:, None]
-    return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+        ids, dead, _ = decode_loop(model.hf, batch, params, [eos], pad, on_step=next_positions)
+    out = []
+    for row, gone in zip(ids.tolist(), dead.tolist(), strict=True):
+        new = [t for t, d in zip(row, gone, strict=True) if not d]
+        out.append(new[: new.index(eos) + 1] if eos in new else new)
+    return out
 
 
 @torch.no_grad()

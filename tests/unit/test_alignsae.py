@@ -263,9 +263,10 @@ def tiny_lm() -> LanguageModel:
 def test_left_padded_batch_matches_single_prompts() -> None:
     model = tiny_lm()
     prompts = [[1, 5, 6, 7, 8], [1, 9, 10]]
-    batch = generate_ids(model, prompts, max_new_tokens=6, seed=None)
-    singles = [generate_ids(model, [p], max_new_tokens=6, seed=None)[0] for p in prompts]
-    assert batch == singles
+    for seed in (None, 3):  # greedy, then sampled: every row has its own generator
+        batch = generate_ids(model, prompts, max_new_tokens=6, seed=seed)
+        singles = [generate_ids(model, [p], max_new_tokens=6, seed=seed)[0] for p in prompts]
+        assert batch == singles
 
 
 def test_hook_edits_counted_positions_only_and_is_removed() -> None:
