@@ -29,11 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ops.activations import special_token_ids
 from ops.errors import SaealignError
-from ops.generation import SamplingParams, decode_loop, left_pad
+from ops.generation import SamplingParams, continuation_perplexities, decode_loop, left_pad
 from ops.models import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -243,24 +242,6 @@ def generate_ids(
     return out
 
 
-@torch.no_grad()
-def continuation_perplexity(
-    model: LanguageModel, prompt_ids: Sequence[Sequence[int]], continuation_ids: Sequence[Sequence[int]]
-) -> list[float]:
-    """Perplexity of each continuation given its prompt under the unsteered model (NaN when the
-    continuation is empty)."""
-    out: list[float] = []
-    for p, c in zip(prompt_ids, continuation_ids, strict=True):
-        if not c:
-            out.append(float("nan"))
-            continue
-        ids = torch.tensor([list(p) + list(c)], device=model.device)
-        logits = model.hf(input_ids=ids).logits[0, len(p) - 1 : -1]
-        nll = F.cross_entropy(logits.float(), ids[0, len(p) :], reduction="mean")
-        out.append(float(torch.exp(nll)))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Classification of continuations
 
@@ -406,7 +387,7 @@ def run_trials(
         new += generate_ids(model, [prompts[r] for r in rows], max_new_tokens, seed, 5, hook, sub_edit)
     texts = [str(model.tokenizer.decode(ids, skip_special_tokens=True)) for ids in new]
     predicted = classifier.predict(texts, [t.candidates for t in trials])
-    return SwapOutcome(texts, predicted, continuation_perplexity(model, prompts, new))
+    return SwapOutcome(texts, predicted, continuation_perplexities(model, prompts, new))
 
 
 def _row_offset(

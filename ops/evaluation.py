@@ -25,7 +25,7 @@ import torch
 
 from ops.activations import iter_batches, run_to_hook
 from ops.embedders import embed
-from ops.generation import GenerationResult, SamplingParams, generate
+from ops.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
 from ops.models import LanguageModel
 from ops.scoring import min_distances
 from ops.steering import SteeringSpec, hf_hook_modules
@@ -98,17 +98,6 @@ def add_vector_hook(model: LanguageModel, hook: str, vector: torch.Tensor) -> It
         handle.remove()
 
 
-@torch.no_grad()
-def continuation_perplexity(model: LanguageModel, prompt_ids: list[int], cont_ids: list[int]) -> float:
-    """exp(mean NLL) of ``cont_ids`` given ``prompt_ids`` under the unsteered HF model."""
-    if not cont_ids:
-        return math.nan
-    ids = torch.tensor([prompt_ids + cont_ids], device=model.device)
-    logits = model.hf(ids).logits[0, len(prompt_ids) - 1 : -1]
-    nll = torch.nn.functional.cross_entropy(logits, ids[0, len(prompt_ids) :])
-    return float(torch.exp(nll))
-
-
 def run_method(
     model: LanguageModel,
     sae: Any,
@@ -140,10 +129,12 @@ def score_results(
     """Metrics per generation; perplexity conditions on the original prompt (no prefix)."""
     conts = [r.text if r.text.strip() else "." for r in results]
     distances = min_distances(embed(conts, embedder), align_embeddings)
+    prompt_ids = model.tokenize(list(prompts))
+    row_prompts = [prompt_ids[i % len(prompts)] for i in range(len(results))]
+    perplexities = continuation_perplexities(model, row_prompts, [r.token_ids for r in results])
     rows = []
-    for i, (r, d) in enumerate(zip(results, distances, strict=True)):
+    for i, (r, d, ppl) in enumerate(zip(results, distances, perplexities, strict=True)):
         prompt = prompts[i % len(prompts)]
-        prompt_ids = model.tokenize([prompt])[0]
         rows.append(
             {
                 "prompt": prompt,
@@ -151,7 +142,7 @@ def score_results(
                 "tokens": r.tokens,
                 "contamination_per_token": [None if math.isnan(c) else c for c in r.contamination],
                 "latents_changed_per_token": [None if math.isnan(c) else c for c in r.latents_changed],
-                "perplexity": continuation_perplexity(model, prompt_ids, r.token_ids),
+                "perplexity": ppl,
                 "distance": float(d),
                 "contamination": r.mean_contamination,
                 "latents_changed": r.mean_latents_changed,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ops.errors import SaealignError, SAEMismatchError
 from ops.models import LanguageModel
@@ -279,6 +280,45 @@ def decode_loop(
         "batch_size": float(len(batch.ids)),
     }
     return torch.stack(tokens, dim=1), torch.stack(dead, dim=1), timings
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity of continuations
+
+
+@torch.inference_mode()
+def continuation_perplexities(
+    model: LanguageModel,
+    prompt_ids: Sequence[Sequence[int]],
+    cont_ids: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> list[float]:
+    """exp(mean NLL) of each continuation given its prompt under the unsteered HF model (NaN for
+    an empty continuation). Rows run in right-padded batches: a causal model's logits at the
+    real positions do not see the padding after them."""
+    if len(prompt_ids) != len(cont_ids):
+        raise SaealignError(f"{len(prompt_ids)} prompts for {len(cont_ids)} continuations")
+    if batch_size < 1:
+        raise SaealignError(f"batch_size must be at least 1, got {batch_size}")
+    if any(not len(p) for p in prompt_ids):
+        raise SaealignError("a continuation's prompt is empty; fix: give every prompt at least one token")
+    out = [math.nan] * len(cont_ids)
+    rows = [i for i, c in enumerate(cont_ids) if len(c)]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        seqs = [list(prompt_ids[i]) + list(cont_ids[i]) for i in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            ids[j, : len(seq)] = torch.tensor(seq)
+            mask[j, : len(seq)] = 1
+        logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        for j, i in enumerate(chunk):
+            p, n = len(prompt_ids[i]), len(cont_ids[i])
+            nll = F.cross_entropy(logits[j, p - 1 : p + n - 1], ids[j, p : p + n].to(logits.device))
+            out[i] = float(torch.exp(nll))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

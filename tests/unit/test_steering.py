@@ -3,6 +3,7 @@ sae-lens SAEs built from config. No network."""
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, TokenEvent, generate
+from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, TokenEvent, continuation_perplexities, generate
 from ops.models import LanguageModel, hooked_from_llama
 from ops.steering import (
     BatchSteerer,
@@ -379,6 +380,26 @@ def test_sampling_is_seeded(model: LanguageModel) -> None:
     assert len(a.token_ids) <= 16 and a.timings["s_per_token"] > 0
     rows = generate(model, None, ["hello"] * 2, params=SamplingParams(max_new_tokens=16), seeds=[1, 2])
     assert [r.token_ids for r in rows] == [a.token_ids, c.token_ids]  # per-row seeds, batch-independent
+
+
+def test_batched_perplexity_matches_one_row_at_a_time(model: LanguageModel) -> None:
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 10], [1, 11, 12]]
+    conts = [[13, 14], [15, 16, 17, 18, 19, 20, 21], []]
+
+    def alone(p: list[int], c: list[int]) -> float:
+        ids = torch.tensor([p + c])
+        logits = model.hf(input_ids=ids).logits[0].float()
+        logp = torch.log_softmax(logits[len(p) - 1 : -1], -1).gather(1, ids[0, len(p) :, None])
+        return float(torch.exp(-logp.mean()))
+
+    batched = continuation_perplexities(model, prompts, conts, batch_size=2)
+    assert batched[:2] == pytest.approx([alone(p, c) for p, c in zip(prompts[:2], conts[:2], strict=True)], rel=1e-5)
+    assert math.isnan(batched[2])  # an empty continuation has no perplexity
+    assert batched[:2] == pytest.approx(continuation_perplexities(model, prompts, conts, batch_size=1)[:2], rel=1e-5)
+    with pytest.raises(SaealignError, match="continuations"):
+        continuation_perplexities(model, prompts, conts[:2])
+    with pytest.raises(SaealignError, match="empty"):
+        continuation_perplexities(model, [[]], [[3]])
 
 
 def test_concurrent_generations_do_not_leak(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
