@@ -79,7 +79,12 @@ def render(report: dict[str, Any]) -> str:
     costs = report["costs"]
     cost_rows = [{"stage": "set-up (" + k + ")", "seconds": v} for k, v in costs["set_up"].items()]
     cost_rows += [{"stage": "per topic (" + k + ")", "seconds": v} for k, v in costs["per_topic"].items()]
-    cost_rows += [{"stage": f"per token ({k})", "seconds": v} for k, v in costs["per_token"].items()]
+    step = (
+        f"per token: one decode step of a batch of {costs['per_token_batch']} rows"
+        if "per_token_batch" in costs
+        else "per token"
+    )
+    cost_rows += [{"stage": f"{step} ({k})", "seconds": v} for k, v in costs["per_token"].items()]
     sections = [
         ("Summary", _goals_html(report)),
         ("Methods", R.html_table(summary, cols, "summary")),

@@ -86,7 +86,7 @@ class EvaluateConfig:
     """Unaligned text for the top-k check."""
     k_max: int = 50
     """Largest k of the top-k check."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Prompts per generation batch."""
     out: str = "out/evaluate"
     """Output directory."""
@@ -179,6 +179,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
             "set_up": json.loads(cfg.setup_costs) if cfg.setup_costs else {"lake_wall_s": manifest.get("wall_s")},
             "per_topic": _per_topic_cost(lake, key, align, embedder),
             "per_token": {s["method"]: s["s_per_token"] for s in summaries},
+            "per_token_batch": min(cfg.batch_size, len(prompts) * len(cfg.seeds)),
         },
         "coverage": _coverage(lake, key, int(sae.cfg.d_sae)),
         "topk_check": check.to_dict(),

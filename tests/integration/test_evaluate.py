@@ -58,6 +58,7 @@ def test_report_json_has_every_setting_and_number(report_dir: Path) -> None:
     assert report["recommendation"]["method"] in SETTINGS
     assert report["topk_check"]["ks"] == list(range(1, 11))
     assert {"set_up", "per_topic", "per_token"} <= set(report["costs"])
+    assert report["costs"]["per_token_batch"] == 2  # n_prompts 2 x one seed: both rows in one batch
 
 
 def test_report_html_renders_plots_and_tables(report_dir: Path, tmp_path: Path) -> None:
