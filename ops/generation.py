@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ops.activations import pad_batch
 from ops.errors import SaealignError, SAEMismatchError
 from ops.models import LanguageModel
 from ops.steering import SteeringRecord, SteeringSpec, special_ids_of, steering_hook
@@ -306,17 +307,12 @@ def continuation_perplexities(
     rows = [i for i, c in enumerate(cont_ids) if len(c)]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        seqs = [list(prompt_ids[i]) + list(cont_ids[i]) for i in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), width), dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, seq in enumerate(seqs):
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
-        logits = model.hf(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        batch = pad_batch(model, [list(prompt_ids[i]) + list(cont_ids[i]) for i in chunk], chunk)
+        ids = batch.tokens.to(model.device)
+        logits = model.hf(input_ids=ids, attention_mask=batch.attention_mask.to(model.device)).logits.float()
         for j, i in enumerate(chunk):
             p, n = len(prompt_ids[i]), len(cont_ids[i])
-            nll = F.cross_entropy(logits[j, p - 1 : p + n - 1], ids[j, p : p + n].to(logits.device))
+            nll = F.cross_entropy(logits[j, p - 1 : p + n - 1], ids[j, p : p + n])
             out[i] = float(torch.exp(nll))
     return out
 

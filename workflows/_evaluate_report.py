@@ -79,11 +79,7 @@ def render(report: dict[str, Any]) -> str:
     costs = report["costs"]
     cost_rows = [{"stage": "set-up (" + k + ")", "seconds": v} for k, v in costs["set_up"].items()]
     cost_rows += [{"stage": "per topic (" + k + ")", "seconds": v} for k, v in costs["per_topic"].items()]
-    step = (
-        f"per token: one decode step of a batch of {costs['per_token_batch']} rows"
-        if "per_token_batch" in costs
-        else "per token"
-    )
+    step = f"per token: one decode step of a batch of {costs['per_token_batch']} rows"
     cost_rows += [{"stage": f"{step} ({k})", "seconds": v} for k, v in costs["per_token"].items()]
     sections = [
         ("Summary", _goals_html(report)),

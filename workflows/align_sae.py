@@ -467,8 +467,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{'swap success at best α':<34}{cells[0]:>14}{cells[1]:>14}")
         ratios = [f"{b['ppl_ratio']:.3f}" if b else "-" for b in best]
         lines.append(f"{'  perplexity ratio at best α':<34}{ratios[0]:>14}{ratios[1]:>14}")
-        names = [n for n in swap["best"] if n in ("vanilla", "aligned", "diffmean")]
         titles = {"vanilla": "vanilla", "aligned": "AlignSAE", "diffmean": "DiffMean control"}
+        names = [n for n in titles if n in swap["best"]]
         lines += [
             "",
             f"swap success vs α ({swap['n_trials']} trials; success = continuation classified as the "
