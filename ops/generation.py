@@ -13,6 +13,7 @@ position was left untouched (first position, special tokens) or nothing was meas
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -219,6 +220,12 @@ def left_pad(ids: list[list[int]], pad_id: int, device: str) -> _Batch:
     return _Batch(ids, input_ids.to(device), mask.to(device))
 
 
+def cache_keyword(hf: Any) -> str:
+    """The keyword that carries the KV cache into ``hf.forward``: ``cache`` from transformers
+    5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def decode_loop(
     hf: Any,
@@ -240,16 +247,9 @@ def decode_loop(
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     mask = batch.attention_mask
     positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)
-    cache = DynamicCache(config=hf.config)
+    cached = {cache_keyword(hf): DynamicCache(config=hf.config), "use_cache": True}
     t0 = time.perf_counter()
-    out = hf(
-        input_ids=batch.input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out = hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **cached)
     t_prefill = time.perf_counter() - t0
     finished = torch.zeros(len(batch.ids), dtype=torch.bool, device=device)
     tokens: list[torch.Tensor] = []
@@ -268,9 +268,7 @@ def decode_loop(
             break
         mask = torch.cat([mask, (~finished).long()[:, None]], dim=-1)
         position = position + 1
-        out = hf(
-            input_ids=nxt[:, None], attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
-        )
+        out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, **cached)
     total = time.perf_counter() - t0
     timings = {
         "prefill_s": t_prefill,

@@ -527,8 +527,7 @@ class _Session:
         if ref is None:
             self.positions = None
             return
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        past_len = _cached_length(kwargs)
         shape = (int(ref.shape[0]), int(ref.shape[1]))
         self.positions = protected_positions(ids, mask, past_len, self.special_ids.to(ref.device), shape)
 
@@ -542,6 +541,17 @@ class _Session:
         if stats is not None:
             self.record.steps.append(stats)
         return (new_x, *output[1:]) if isinstance(output, tuple) else new_x
+
+
+def _cached_length(kwargs: dict[str, Any]) -> int:
+    """Tokens already in the KV cache of this forward: read from the ``Cache`` object itself,
+    whichever keyword carries it (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    from transformers import Cache
+
+    for value in kwargs.values():
+        if isinstance(value, Cache):
+            return int(value.get_seq_length())
+    return 0
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("saealign_steering", default=None)

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.generation import MAX_NEW_TOKENS_LIMIT, SamplingParams, TokenEvent, continuation_perplexities, generate
+from ops.generation import (
+    MAX_NEW_TOKENS_LIMIT,
+    SamplingParams,
+    TokenEvent,
+    cache_keyword,
+    continuation_perplexities,
+    generate,
+)
 from ops.models import LanguageModel, hooked_from_llama
 from ops.steering import (
     BatchSteerer,
@@ -284,12 +291,12 @@ def test_decode_steps_are_steered(model: LanguageModel, sae: Any, scores: torch.
 def _prefill_only_greedy(model: LanguageModel, sae: Any, spec: SteeringSpec, ids: list[int], n: int) -> list[int]:
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.hf.config)
+    cached = {cache_keyword(model.hf): DynamicCache(config=model.hf.config), "use_cache": True}
     with steering_hook(model.hf, sae, HOOK, spec, SPECIAL):
-        out = model.hf(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        out = model.hf(torch.tensor([ids]), **cached)
     tokens = [int(out.logits[0, -1].argmax())]
     for _ in range(n - 1):
-        out = model.hf(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True)
+        out = model.hf(torch.tensor([[tokens[-1]]]), **cached)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
