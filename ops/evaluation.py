@@ -171,10 +171,18 @@ def summarise_method(ev: Evaluated, orig: Evaluated | None) -> dict[str, Any]:
 
 def recommend(summaries: list[dict[str, Any]], ppl_budget: float = 1.5) -> dict[str, Any]:
     """Among the SAE steering settings, the lowest mean distance whose median perplexity stays
-    within ``ppl_budget`` × orig's; falls back to the lowest perplexity ratio."""
+    within ``ppl_budget`` × orig's; falls back to the lowest perplexity ratio. With no SAE
+    steering setting evaluated, ``method`` is None and ``reason`` says so."""
     by = {s["method"]: s for s in summaries}
     base = by["orig"]["median_perplexity"]
     candidates = [s for s in summaries if s["method"].split("+")[0] in ("swap", "weight", "clamp", "sae")]
+    if not candidates:
+        return {
+            "method": None,
+            "reason": "no recommendation possible: no SAE steering setting (sae, clamp, swap, weight) was evaluated",
+            "distance": None,
+            "perplexity_ratio": None,
+        }
     ok = [s for s in candidates if s["median_perplexity"] <= ppl_budget * base]
     if ok:
         best = min(ok, key=lambda s: s["distance"])

@@ -15,10 +15,13 @@ def _flat(rows: list[dict[str, Any]], key: str) -> list[float]:
 def _goals_html(report: dict[str, Any]) -> str:
     goals = report["goals"]
     rec = report["recommendation"]
-    lines = [
-        f"<p><b>Recommended default:</b> {html.escape(rec['method'])} — {html.escape(rec['reason'])} "
-        f"(distance {rec['distance']:.4f}, perplexity {rec['perplexity_ratio']:.2f}× orig).</p>"
-    ]
+    if rec["method"] is None:
+        lines = [f"<p><b>Recommended default:</b> none — {html.escape(rec['reason'])}.</p>"]
+    else:
+        lines = [
+            f"<p><b>Recommended default:</b> {html.escape(rec['method'])} — {html.escape(rec['reason'])} "
+            f"(distance {rec['distance']:.4f}, perplexity {rec['perplexity_ratio']:.2f}× orig).</p>"
+        ]
     if goals:
         lines.append("<ul>")
         lines.append(

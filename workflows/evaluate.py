@@ -233,7 +233,7 @@ def print_summary(report: dict[str, Any]) -> None:
         cells = [s.get(c) for c in cols]
         print("  ".join(f"{v:>17.4g}" if isinstance(v, float) else f"{v!s:>17}" for v in cells))
     rec = report["recommendation"]
-    print(f"recommended: {rec['method']} ({rec['reason']})")
+    print(f"recommended: {rec['method'] or 'none'} ({rec['reason']})")
     for key, value in report["goals"].items():
         print(f"  {key}: {value}")
 

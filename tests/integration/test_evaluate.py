@@ -76,3 +76,16 @@ def test_report_html_renders_plots_and_tables(report_dir: Path, tmp_path: Path) 
     assert all(width > 100 for _, width in plots), plots
     assert summary_rows == len(SETTINGS)
     assert "recommended" in text.lower() and "swap" in text
+
+
+def test_orig_alone_reports_that_no_recommendation_is_possible(report_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    lake, out = report_dir.parent / "lake", report_dir.parent / "orig-only"
+    argv = ["--lake", str(lake), "--topic", "medical", "--methods", "orig", "--n-prompts", "2"]
+    argv += ["--max-new-tokens", "4", "--k-max", "3", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [row["method"] for row in report["summary"]] == ["orig"]
+    assert report["recommendation"]["method"] is None
+    assert "no recommendation possible" in report["recommendation"]["reason"]
+    assert "recommended: none" in capsys.readouterr().out
+    assert "Recommended default:</b> none" in (out / "report.html").read_text()
