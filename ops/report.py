@@ -46,7 +46,8 @@ def histogram_figure(per_method: Mapping[str, Sequence[float]], xlabel: str, tit
     ax.set_xlabel(xlabel)
     ax.set_ylabel("tokens")
     ax.set_title(title)
-    ax.legend()
+    if any(per_method.values()):
+        ax.legend()
     return _png(fig)
 
 
