@@ -8,15 +8,15 @@ unavailable, never estimated.
 
 Baselines beside the SAE methods: ``prompting`` (the unsteered model given
 "Write about <topic>: " before the prompt) and ``diffmean`` (the mean hook activation of the
-align texts minus that of the reference pool, added at the hook with a scale).
+align texts minus that of the reference pool, added at the hook with a scale: a steering-vector
+spec of the one steering engine, so it leaves the first position, special tokens and padding alone).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ from ops.embedders import embed
 from ops.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
 from ops.models import LanguageModel
 from ops.scoring import min_distances
-from ops.steering import SteeringSpec, hf_hook_modules
+from ops.steering import SteeringSpec
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +77,6 @@ def mean_hook_activation(model: LanguageModel, texts: Sequence[str], hook: str, 
     return total / max(count, 1)
 
 
-@contextmanager
-def add_vector_hook(model: LanguageModel, hook: str, vector: torch.Tensor) -> Iterator[None]:
-    """Add ``vector`` to the hook's output at every position but the first (DiffMean steering)."""
-    _, layer = hf_hook_modules(model.hf, hook)
-
-    def fn(module: Any, args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        shift = torch.zeros_like(hidden)
-        shift[:, :, :] = vector.to(hidden.dtype)
-        if hidden.shape[1] > 1:  # prefill: leave the first position alone
-            shift[:, 0, :] = 0
-        hidden = hidden + shift
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handle = layer.register_forward_hook(fn)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def run_method(
     model: LanguageModel,
     sae: Any,
@@ -114,8 +93,8 @@ def run_method(
     row_seeds = [s for _, s in rows]
     hook = sae.cfg.metadata.hook_name
     if run.diffmean_scale and diffmean is not None:
-        with add_vector_hook(model, hook, run.diffmean_scale * diffmean):
-            return generate(model, None, texts, None, hook, params, batch_size, row_seeds)
+        spec = SteeringSpec("orig", vector=run.diffmean_scale * diffmean)
+        return generate(model, None, texts, spec, hook, params, batch_size, row_seeds)
     return generate(model, sae if run.spec else None, texts, run.spec, hook, params, batch_size, row_seeds)
 
 

@@ -21,6 +21,9 @@ scores with NaN (unscored) read as 0):
 * ``strength`` (swap, weight): the scores used are 1 − strength·(1 − s): 0 gives ``sae``,
   1 (default) the scores as given. Contamination always uses the scores as given.
 * ``keep_error``: add back the SAE error x − decode(a).
+* ``vector``: a steering vector v [d_model] added at every steered position after the method's
+  edit (x_out + v). With ``orig`` this is plain activation addition, e.g. DiffMean (scale × (mean
+  P_align activation − mean reference activation)); it composes with any SAE method.
 
 Per token, where the SAE is run: contamination c_t = Σ_i a'_i (1 − s_i) / Σ_i a'_i (0 when
 Σ a' = 0), a' being the activation decoded (for ``orig`` and ``sae``, a itself; measured only when
@@ -95,6 +98,8 @@ class SteeringSpec:
     """Add back the SAE error x − decode(a) (any method but orig)."""
     include_first: bool = False
     """Steer the first position and special tokens too (default: left untouched, spec §3)."""
+    vector: torch.Tensor | None = None
+    """A steering vector [d_model] added at every steered position after the method's edit."""
     topic: str | None = None
     """Label of the topic the scores belong to (reporting only)."""
 
@@ -105,6 +110,11 @@ class SteeringSpec:
             object.__setattr__(self, "scores", as_scores(self.scores))
         elif self.method in SCORED_METHODS:
             raise SaealignError(f"method '{self.method}' needs topic scores; fix: pass --topic or scores")
+        if self.vector is not None:
+            v = torch.as_tensor(self.vector, dtype=torch.float32).detach().flatten().cpu()
+            if v.numel() == 0 or not bool(torch.isfinite(v).all()):
+                raise SaealignError("a steering vector must be non-empty and finite; fix: pass a [d_model] vector")
+            object.__setattr__(self, "vector", v)
         if self.clamp_mode not in ("multiply", "add"):
             raise SaealignError(f"clamp_mode must be 'multiply' or 'add', got '{self.clamp_mode}'")
         if self.clamp_k < 1:
@@ -149,6 +159,7 @@ class SteeringSpec:
             "keep_error": self.keep_error,
             "include_first": self.include_first,
             "has_scores": self.scores is not None,
+            "vector_norm": float(self.vector.norm()) if self.vector is not None else None,
         }
 
     @property
@@ -302,6 +313,19 @@ def effective_scores(spec: SteeringSpec) -> torch.Tensor | None:
     return s if spec.strength == 1.0 else 1.0 - spec.strength * (1.0 - s)
 
 
+def _stack_vectors(specs: Sequence[SteeringSpec], device: torch.device) -> torch.Tensor | None:
+    """[R, 1, d_model] steering vectors of the specs (zeros where none), or None when no spec has one."""
+    vecs = [s.vector for s in specs]
+    present = [v for v in vecs if v is not None]
+    if not present:
+        return None
+    width = present[0].numel()
+    if any(v.numel() != width for v in present):
+        raise SaealignError("steering vectors of one batch differ in width; fix: use vectors of the model's d_model")
+    rows = [v if v is not None else torch.zeros(width) for v in vecs]
+    return torch.stack(rows).to(device)[:, None, :]
+
+
 def clamp_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean [d_sae]: the ``k`` highest-scored latents (NaN read as 0)."""
     idx = torch.topk(torch.nan_to_num(scores, nan=0.0), k).indices
@@ -344,8 +368,11 @@ class BatchSteerer:
         self.view = view
         self.device = torch.device(device)
         sae_rows = [i for i, s in enumerate(self.specs) if s.needs_sae]
-        self.active = bool(sae_rows)
-        if not self.active:
+        self.vectors = _stack_vectors(self.specs, self.device)
+        self.uses_sae = bool(sae_rows)
+        self.active = self.uses_sae or self.vectors is not None
+        self.include_first = torch.tensor([s.include_first for s in self.specs], device=self.device)
+        if not self.uses_sae:
             return
         if view is None:
             raise SaealignError("these steering specs need an SAE; fix: pass the SAE the scores were computed with")
@@ -365,7 +392,6 @@ class BatchSteerer:
         self.any_modifies = bool(self.modifies.any())
         self.keep_error = torch.tensor([[[float(s.keep_error and s.method != "orig")]] for s in specs], device=dev)
         self.any_keep_error = bool(self.keep_error.any())
-        self.include_first = torch.tensor([s.include_first for s in self.specs], device=dev)
         self.groups: list[_Group] = []
         for method in METHODS[1:]:
             idx = [i for i, s in enumerate(specs) if s.method == method]
@@ -418,9 +444,33 @@ class BatchSteerer:
         self.check_batch(x.shape[0])
         if not self.active:
             return x, None
-        assert self.view is not None
         include = self.include_first if len(self.specs) == x.shape[0] else self.include_first.expand(x.shape[0])
         steer = real & (include[:, None] | ~protected)
+        if not self.uses_sae:
+            nan = torch.full(steer.shape, math.nan, device=x.device)
+            return self._add_vectors(x, steer), StepStats(nan, nan.clone(), steer & self._has_vector(x.shape[0]))
+        out, stats = self._apply_sae(x, steer)
+        if self.vectors is not None:
+            out = self._add_vectors(out, steer)
+            stats.steered = stats.steered | (steer & self._has_vector(x.shape[0]))
+        return out, stats
+
+    def _has_vector(self, batch: int) -> torch.Tensor:
+        assert self.vectors is not None
+        has = self.vectors.flatten(1).abs().sum(-1) > 0
+        return (has if has.shape[0] == batch else has.expand(batch))[:, None]
+
+    def _add_vectors(self, x: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
+        assert self.vectors is not None
+        if self.vectors.shape[-1] != x.shape[-1]:
+            raise SAEMismatchError(
+                f"steering vector has {self.vectors.shape[-1]} dims but the hook has {x.shape[-1]}; "
+                "fix: compute the vector at this model's hook"
+            )
+        return x + steer[..., None].to(x.dtype) * self.vectors.to(x.dtype)
+
+    def _apply_sae(self, x: torch.Tensor, steer: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+        assert self.view is not None
         rows = None if (self.all_rows or len(self.specs) == 1) else self.sae_rows
         xs = x if rows is None else x.index_select(0, rows)
         st = steer if rows is None else steer.index_select(0, rows)

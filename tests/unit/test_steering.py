@@ -351,6 +351,39 @@ def test_batch_with_left_padding_and_per_row_specs(model: LanguageModel, sae: An
     assert np.isnan(batched[1].prompt_contamination[0])  # BOS untouched
 
 
+def test_vector_edits_join_a_batch_with_sae_edits(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    vector = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(3))
+    prompts = ["a long prompt about the heart", "short", "a mid prompt", "the lungs"]
+    specs = [
+        SteeringSpec("orig", vector=vector),
+        SteeringSpec("swap", scores),
+        SteeringSpec("swap", scores, vector=0.5 * vector),
+        SteeringSpec("orig"),
+    ]
+    params = SamplingParams(max_new_tokens=12, seed=5)
+    batched = generate(model, sae, prompts, specs, params=params, batch_size=4)
+    for prompt, spec, row in zip(prompts, specs, batched, strict=True):
+        assert row.token_ids == generate(model, sae, [prompt], spec, params=params)[0].token_ids
+    plain = generate(model, None, prompts[:1], None, params=params)[0]
+    assert batched[0].token_ids != plain.token_ids and batched[2].token_ids != batched[1].token_ids
+
+
+def test_vector_is_added_only_at_steered_positions(model: LanguageModel) -> None:
+    vector = torch.ones(D_MODEL)
+    steerer = BatchSteerer(None, [SteeringSpec("orig", vector=vector), SteeringSpec("orig")])
+    x = torch.zeros(2, 4, D_MODEL)
+    real = torch.tensor([[False, True, True, True], [True, True, True, True]])  # row 0 left-padded
+    protected = torch.tensor([[False, True, False, False], [True, False, False, False]])  # first real position
+    out, stats = steerer.apply(x, real, protected)
+    assert out[0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert bool((out[1] == 0).all())
+    assert stats is not None and stats.steered.tolist() == [[False, False, True, True], [False] * 4]
+    with pytest.raises(SAEMismatchError, match="dims"):
+        BatchSteerer(None, [SteeringSpec("orig", vector=torch.ones(D_MODEL + 1))]).apply(x, real, protected)
+    with pytest.raises(SaealignError, match="finite"):
+        SteeringSpec("orig", vector=torch.tensor([math.inf]))
+
+
 def test_on_token_reports_every_step_as_the_result_has_it(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
     prompts = ["a long prompt about the heart", "short", "the lungs"]
     specs = [SteeringSpec("swap", scores), SteeringSpec("clamp", scores), SteeringSpec("orig")]
