@@ -4,7 +4,8 @@ A *source spec* is a string:
 
 * ``embedded:pool`` — the embedded reference pool (1,600 prompts over 40 task styles);
 * ``embedded:topic:<name>`` — the embedded alignment texts of a topic (medical, shoes, ...);
-* ``embedded:ontology`` — the embedded labelled concepts; ``embedded:demo-prompts``,
+* ``embedded:ontology`` — the embedded labelled concepts; ``embedded:demo-prompts`` (medical
+  metaphors), ``embedded:neutral-prompts`` (48 general sentence openings about no topic),
   ``embedded:unaligned`` — evaluation prompts;
 * a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file with a text column;
 * ``hf:<dataset>[:<config>][@<split>]`` — a Hugging Face ``datasets`` dataset (connected use).
@@ -33,6 +34,7 @@ _EMBEDDED = {
     "pool": DATA_DIR / "pool.jsonl.gz",
     "ontology": DATA_DIR / "ontology.jsonl",
     "demo-prompts": DATA_DIR / "demo_prompts.jsonl",
+    "neutral-prompts": DATA_DIR / "neutral_prompts.jsonl",
     "unaligned": DATA_DIR / "unaligned_chat.jsonl",
 }
 

@@ -43,3 +43,9 @@ def test_embedded_sources_meet_their_sizes() -> None:
     assert len(counts) >= 6 and min(c["counts"] for c in counts) >= 60
     with pytest.raises(SaealignError, match="no embedded topic"):
         read_texts("embedded:topic:nonexistent")
+
+
+def test_neutral_prompts_are_general_openings() -> None:
+    prompts = read_texts("embedded:neutral-prompts").texts
+    assert len(prompts) >= 40 and len(set(prompts)) == len(prompts)
+    assert all(0 < len(p.split()) <= 12 for p in prompts)
