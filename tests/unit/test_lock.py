@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def locked() -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    found = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    """What `pip list` shows for the running venv: its site-packages only (other tests may put
+    folders of their own on sys.path)."""
+    paths = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    found = {_norm(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)}
     found.pop(PROJECT, None)
     return found
 
