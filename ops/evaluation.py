@@ -28,7 +28,7 @@ from ops.embedders import embed
 from ops.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
 from ops.models import LanguageModel
 from ops.scoring import min_distances
-from ops.steering import SteeringSpec
+from ops.steering import METHODS, SteeringSpec
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +154,12 @@ def recommend(summaries: list[dict[str, Any]], ppl_budget: float = 1.5) -> dict[
     steering setting evaluated, ``method`` is None and ``reason`` says so."""
     by = {s["method"]: s for s in summaries}
     base = by["orig"]["median_perplexity"]
-    candidates = [s for s in summaries if s["method"].split("+")[0] in ("swap", "weight", "clamp", "sae")]
+    sae_methods = METHODS[1:]
+    candidates = [s for s in summaries if s["method"].split("+")[0] in sae_methods]
     if not candidates:
         return {
             "method": None,
-            "reason": "no recommendation possible: no SAE steering setting (sae, clamp, swap, weight) was evaluated",
+            "reason": f"no recommendation possible: no SAE steering setting ({', '.join(sae_methods)}) was evaluated",
             "distance": None,
             "perplexity_ratio": None,
         }

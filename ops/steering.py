@@ -369,6 +369,7 @@ class BatchSteerer:
         self.device = torch.device(device)
         sae_rows = [i for i, s in enumerate(self.specs) if s.needs_sae]
         self.vectors = _stack_vectors(self.specs, self.device)
+        self.has_vector = torch.tensor([s.vector is not None for s in self.specs], device=self.device)
         self.uses_sae = bool(sae_rows)
         self.active = self.uses_sae or self.vectors is not None
         self.include_first = torch.tensor([s.include_first for s in self.specs], device=self.device)
@@ -448,17 +449,12 @@ class BatchSteerer:
         steer = real & (include[:, None] | ~protected)
         if not self.uses_sae:
             nan = torch.full(steer.shape, math.nan, device=x.device)
-            return self._add_vectors(x, steer), StepStats(nan, nan.clone(), steer & self._has_vector(x.shape[0]))
+            return self._add_vectors(x, steer), StepStats(nan, nan.clone(), steer & self.has_vector[:, None])
         out, stats = self._apply_sae(x, steer)
         if self.vectors is not None:
             out = self._add_vectors(out, steer)
-            stats.steered = stats.steered | (steer & self._has_vector(x.shape[0]))
+            stats.steered = stats.steered | (steer & self.has_vector[:, None])
         return out, stats
-
-    def _has_vector(self, batch: int) -> torch.Tensor:
-        assert self.vectors is not None
-        has = self.vectors.flatten(1).abs().sum(-1) > 0
-        return (has if has.shape[0] == batch else has.expand(batch))[:, None]
 
     def _add_vectors(self, x: torch.Tensor, steer: torch.Tensor) -> torch.Tensor:
         assert self.vectors is not None
