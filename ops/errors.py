@@ -11,3 +11,7 @@ class ModelNotFoundError(SaealignError):
 
 class SAEMismatchError(SaealignError):
     """An SAE does not fit the model or hook it is used with."""
+
+
+class TopicExistsError(SaealignError):
+    """A topic of that name is already scored for the dataset (the service answers HTTP 409)."""

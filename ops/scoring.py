@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ops.embedders import embed
-from ops.errors import SaealignError
+from ops.errors import SaealignError, TopicExistsError
 from ops.lake import DatasetKey, Lake
 from ops.lakequery import (
     connect_read_only,
@@ -331,7 +331,7 @@ def _write_topic(conn: duckdb.DuckDBPyConnection, info: dict[str, Any], replace:
     q = sql_sections("scores_db")
     if topic_exists(conn, info["topic"], info["dataset"]):
         if not replace:
-            raise SaealignError(
+            raise TopicExistsError(
                 f"topic '{info['topic']}' is already scored for dataset {info['dataset']}; "
                 "fix: pass --replace to re-score it, or choose another topic name"
             )
@@ -417,7 +417,7 @@ def _refuse_existing(lake: Lake, topic: str, dataset: str, replace: bool) -> Non
     """Fail before the (slow) embedding when the topic exists and --replace is not given."""
     if replace or not lake.exists(export_path(lake, topic, dataset)):
         return
-    raise SaealignError(
+    raise TopicExistsError(
         f"topic '{topic}' is already scored for dataset {dataset}; fix: pass --replace to re-score it, "
         "or choose another topic name"
     )

@@ -56,7 +56,7 @@ from pydantic import RootModel
 from ray import serve
 from ray.serve import Application
 
-from ops.errors import SaealignError
+from ops.errors import SaealignError, TopicExistsError
 from ops.lake import Lake
 from ops.scoring import resolve_dataset
 from workflows._config import parse_config
@@ -76,7 +76,6 @@ from workflows.serve_engine import (
     Row,
     ServeConfig,
     StreamCancelled,
-    TopicExistsError,
     UnknownTopicError,
     result_dict,
 )

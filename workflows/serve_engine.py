@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import ConfigDict
 
-from ops.errors import SaealignError
+from ops.errors import SaealignError, TopicExistsError
 from ops.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
 from ops.lake import Lake
 from ops.models import load_model
@@ -125,10 +125,6 @@ ServeConfig.__pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[att
 
 class UnknownTopicError(SaealignError):
     """No scores for the topic (HTTP 404)."""
-
-
-class TopicExistsError(SaealignError):
-    """A new topic's name is taken (HTTP 409)."""
 
 
 @dataclass
@@ -236,7 +232,7 @@ class Engine:
 
     def topic_info(self, name: str, top: int = 20) -> dict[str, Any]:
         t = self.topic(name)
-        keep = ("n_align", "n_scored", "n_prompts", "min_support", "distance_power", "align_source", "created_at")
+        keep = ("n_align", "n_scored", "n_prompts", "min_support", "distance_power", "align_source", "created")
         return {"topic": name, **{k: t.meta.get(k) for k in keep if k in t.meta}, "top": t.top[:top]}
 
     def add_topic(self, req: TopicRequest) -> dict[str, Any]:
@@ -247,21 +243,16 @@ class Engine:
             lake = Lake(self.cfg.lake)
             if req.name in self.topics or lake.exists(export_path(lake, req.name, self.dataset)):
                 raise TopicExistsError(f"topic '{req.name}' already exists; choose another name")
-            try:
-                row = score_topic(
-                    self.cfg.lake,
-                    req.name,
-                    req.texts,
-                    self.dataset,
-                    power=float(req.distance_power),
-                    min_support=req.min_support,
-                    replace=False,
-                    align_source="serve",
-                )
-            except SaealignError as exc:
-                if "already scored" in str(exc):
-                    raise TopicExistsError(str(exc)) from exc
-                raise
+            row = score_topic(
+                self.cfg.lake,
+                req.name,
+                req.texts,
+                self.dataset,
+                power=float(req.distance_power),
+                min_support=req.min_support,
+                replace=False,
+                align_source="serve",
+            )
             self._load_topic(req.name)
         info = self.topic_info(req.name, req.top)
         info["timings"] = row.get("timings", {})

@@ -182,6 +182,7 @@ def test_compare_equals_each_method_alone(client: httpx.Client) -> None:
 def test_topics_list_top_latents_and_new_topic(client: httpx.Client) -> None:
     listed = {t["topic"]: t for t in client.get("/topics").json()["topics"]}
     assert {"medical", "sport"} <= listed.keys() and listed["medical"]["n_align"] == 20
+    assert listed["medical"]["created"][:2] == "20"  # the topics table's TIMESTAMP, as text
     top = client.get("/topics/medical", params={"top": 5}).json()["top"]
     assert len(top) == 5 and [r["score"] for r in top] == sorted((r["score"] for r in top), reverse=True)
     assert client.get("/topics/nope").status_code == 404
