@@ -16,6 +16,7 @@ aligned vs unaligned text that fire at least one of the top-k latents (table, PN
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,10 @@ class ScoreConfig:
     """Align texts given inline (added to those of --align-file)."""
     text_column: str = "text"
     """Name of the text column in file sources."""
+    align_sample: int = 0
+    """Score with a seeded random sample of this many align texts (0 = all of them)."""
+    align_seed: int = 0
+    """Seed of --align-sample."""
     distance_power: Literal[1, 2] = 1
     """Power of the distance in g (1 as in the paper's text, 2 as in its public code)."""
     min_support: int = 20
@@ -77,6 +82,8 @@ class ScoreConfig:
         if not self.topic:
             raise SaealignError("pass --topic NAME")
         check_topic_name(self.topic)
+        if self.align_sample < 0:
+            raise SaealignError(f"--align-sample must be >= 0, got {self.align_sample}")
         if self.min_support < 0 or self.k_max < 1 or self.context < 2:
             raise SaealignError("--min-support must be >= 0, --k-max >= 1 and --context >= 2")
         if not self.check and not (self.align_file or self.align_text):
@@ -90,6 +97,9 @@ def align_texts(cfg: ScoreConfig) -> tuple[list[str], str]:
     )
     texts += list(cfg.align_text)
     parts = [*cfg.align_file, *([f"{len(cfg.align_text)} inline text(s)"] if cfg.align_text else [])]
+    if 0 < cfg.align_sample < len(texts):
+        texts = random.Random(cfg.align_seed).sample(texts, cfg.align_sample)
+        parts.append(f"a sample of {cfg.align_sample} (seed {cfg.align_seed})")
     return texts, "; ".join(parts)
 
 
