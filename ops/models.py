@@ -157,8 +157,9 @@ def _smollm2_cache(gguf: Path) -> Path:
     return cache_dir() / "models" / f"smollm2-135m-f32-{stat.st_size}"
 
 
-def _materialise_smollm2(gguf: Path, target: Path) -> None:
-    """Dequantise the GGUF to float32 and write model + tokenizer to ``target`` atomically."""
+def materialise_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF model to float32 and write model + tokenizer to ``target`` atomically
+    (the embedded LM, and the fluency judge of :mod:`ops.judges`)."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -245,7 +246,7 @@ def _smollm2_files() -> tuple[Path, bool]:
     cached = _smollm2_cache(gguf)
     from_cache = (cached / "config.json").is_file()
     if not from_cache:
-        _materialise_smollm2(gguf, cached)
+        materialise_gguf(gguf, cached)
     return cached, from_cache
 
 

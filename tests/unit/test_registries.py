@@ -98,8 +98,8 @@ def test_a_second_process_filling_the_model_cache_keeps_the_first_ones_copy(
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tokenizer())
     target = tmp_path / "models" / "smollm2"
-    models._materialise_smollm2(tmp_path / "model.gguf", target)
+    models.materialise_gguf(tmp_path / "model.gguf", target)
     first = (target / "model.safetensors").stat().st_mtime_ns
-    models._materialise_smollm2(tmp_path / "model.gguf", target)  # the slower process
+    models.materialise_gguf(tmp_path / "model.gguf", target)  # the slower process
     assert (target / "config.json").is_file() and (target / "model.safetensors").stat().st_mtime_ns == first
     assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2"]  # no scratch left behind
