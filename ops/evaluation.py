@@ -66,15 +66,24 @@ def standard_runs(scores: torch.Tensor, topic: str, diffmean_scale: float) -> li
 
 
 @torch.no_grad()
-def mean_hook_activation(model: LanguageModel, texts: Sequence[str], hook: str, context: int = 256) -> torch.Tensor:
-    """Mean activation at ``hook`` over counted positions of ``texts`` [d_model]."""
-    total, count = None, 0
+def hook_moments(
+    model: LanguageModel, texts: Sequence[str], hook: str, context: int = 256
+) -> tuple[torch.Tensor, float]:
+    """Mean activation at ``hook`` [d_model] and mean activation norm over the counted positions
+    (first position and special tokens left out) of ``texts``."""
+    total, norms, count = None, 0.0, 0
     for batch in iter_batches(model, texts, 4096, context):
         x = run_to_hook(model, batch, hook)[batch.keep.to(model.device)]
         total = x.sum(0) if total is None else total + x.sum(0)
+        norms += float(x.norm(dim=-1).sum())
         count += len(x)
     assert total is not None
-    return total / max(count, 1)
+    return total / max(count, 1), norms / max(count, 1)
+
+
+def mean_hook_activation(model: LanguageModel, texts: Sequence[str], hook: str, context: int = 256) -> torch.Tensor:
+    """Mean activation at ``hook`` over counted positions of ``texts`` [d_model]."""
+    return hook_moments(model, texts, hook, context)[0]
 
 
 def run_method(

@@ -108,3 +108,25 @@ img {{ max-width: 100%; }}
 
 def img(png_b64: str, alt: str) -> str:
     return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{png_b64}">'
+
+
+def interval_figure(
+    rows: Sequence[dict[str, Any]], key: str, xlabel: str, title: str, marked: Sequence[str] = ()
+) -> str:
+    """One horizontal bar per row: ``row[key]['value']`` with its [lo, hi] interval; labels in
+    ``marked`` drawn in a second colour."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(rows) + 1.2))
+    ys = list(range(len(rows)))[::-1]
+    vals = [r[key]["value"] for r in rows]
+    err = [
+        [v - r[key]["lo"] for v, r in zip(vals, rows, strict=True)],
+        [r[key]["hi"] - v for v, r in zip(vals, rows, strict=True)],
+    ]
+    colours = ["#c0392b" if r["setting"] in marked else "#2c7fb8" for r in rows]
+    ax.barh(ys, vals, xerr=err, color=colours, alpha=0.8, capsize=2)
+    ax.set_yticks(ys, [r["setting"] for r in rows], fontsize=8)
+    ax.axvline(0, color="#444", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)

@@ -143,3 +143,85 @@ def render(report: dict[str, Any]) -> str:
         ("Costs (Tables 3–4)", R.html_table(cost_rows, ["stage", "seconds"], "costs")),
     ]
     return R.render_html(f"saealign evaluation: topic '{report['topic']['topic']}'", sections)
+
+
+def _interval(stat: dict[str, float] | None, fmt: str) -> str:
+    if not stat or stat["value"] is None or stat["value"] != stat["value"]:
+        return "–"
+    return f"{stat['value']:{fmt}} [{stat['lo']:{fmt}}, {stat['hi']:{fmt}}]"
+
+
+_SUITE_COLUMNS = {
+    "setting": "setting",
+    "shift": "distance shift vs orig [95 % CI]",
+    "closer": "share of prompts closer than orig",
+    "win_vs_prompting": "win rate vs prompting",
+    "ppl_ratio": "perplexity × orig (judge)",
+    "distinct2": "distinct-2",
+    "contamination": "contamination",
+}
+
+
+def _suite_table(rows: list[dict[str, Any]]) -> str:
+    fmts = {"shift": "+.3f", "closer": ".2f", "win_vs_prompting": ".2f", "ppl_ratio": ".2f"}
+    table = []
+    for r in rows:
+        cells = {k: _interval(r.get(k), f) for k, f in fmts.items()}
+        cells |= {"setting": r["setting"], "distinct2": r["distinct2"], "contamination": r["contamination"]}
+        table.append({_SUITE_COLUMNS[k]: v for k, v in cells.items()})
+    return R.html_table(table, list(_SUITE_COLUMNS.values()))
+
+
+def render_suite(report: dict[str, Any]) -> str:
+    """The multi-topic report: protocol, chosen knobs, pooled and per-topic tables with a plot each."""
+    proto = report["protocol"]
+    best = report["best_sae_setting"]
+    judge = report["judge"]
+    chosen = [s for s in report["settings"] if s["knob"]]
+    intro = (
+        f"<p>Topics: {', '.join(map(html.escape, report['topics']))}. {len(report['prompts'])} prompts cut into a dev "
+        f"half ({len(proto['dev_prompts'])}) and a test half ({len(proto['test_prompts'])}); knobs chosen on the dev "
+        f"half (seed {proto['dev_seed']}) by one rule for all topics: {html.escape(proto['rule'])}. Reported: test "
+        f"half, seeds {proto['seeds']}, {proto['bootstrap']} bootstrap resamples of prompts.</p>"
+        f"<p><b>Best SAE setting</b> (chosen on the dev half): {html.escape(str(best))}. "
+        f"<b>Perplexity judge</b>: {html.escape(judge['name'])} ({html.escape(judge['scope'])}); distinct-2 on "
+        "the steered model's tokens. Distance: minimum embedding distance to the topic's align texts (negative "
+        "shift = closer).</p>"
+    )
+    knob_rows = [
+        {"setting": s["label"], "knob": s["knob"], "grid": s["grid"], "chosen": s["chosen"]}
+        | {
+            "dev (value: shift, ppl ×)": "; ".join(
+                f"{t['value']}: {t['shift']:+.3f}, {t['ppl_ratio']:.2f}"
+                for t in report["dev"]["settings"][s["label"]]["tried"]
+            )
+        }
+        for s in chosen
+    ]
+    what = [
+        {"setting": s["label"], "what it does": s["what"], "uses the SAE": s["uses_sae"]} for s in report["settings"]
+    ]
+    marked = [best] if best else []
+    sections = [
+        ("Protocol", intro),
+        ("Settings", R.html_table(what, ["setting", "what it does", "uses the SAE"])),
+        (
+            "Knobs chosen on the dev half",
+            R.html_table(knob_rows, ["setting", "knob", "grid", "chosen", "dev (value: shift, ppl ×)"]),
+        ),
+        (
+            "Pooled over topics (test half)",
+            _suite_table(report["pooled"])
+            + R.img(R.interval_figure(report["pooled"], "shift", "distance shift vs orig", "pooled", marked), "pooled"),
+        ),
+    ]
+    for topic, rows in report["per_topic"].items():
+        plot = R.interval_figure(rows, "shift", "distance shift vs orig", f"topic {topic}", marked)
+        sections.append((f"Topic {topic} (test half)", _suite_table(rows) + R.img(plot, f"topic {topic}")))
+    examples = "".join(
+        f"<p><b>{html.escape(g['setting'])}</b> ({html.escape(str(g['topic']))}): <i>{html.escape(g['prompt'])}</i> "
+        f"{html.escape(g['text'])}</p>"
+        for g in report["generations"]
+    )
+    sections.append(("Examples (test half, first seed)", examples))
+    return R.render_html("saealign evaluation: several topics", sections)

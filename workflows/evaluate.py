@@ -1,10 +1,16 @@
 """``saealign evaluate``: steering methods side by side on prompts, with a JSON + HTML report.
 
-For a scored topic of a lake: generate ``max_new_tokens`` tokens (top-k sampling, fixed seeds)
-per prompt under orig, sae, clamp, swap, weight (each with keep_error off and on), the prompting
+One topic (``--topic``): generate ``max_new_tokens`` tokens (top-k sampling, fixed seeds) per
+prompt under orig, sae, clamp, swap, weight (each with keep_error off and on), the prompting
 baseline and a DiffMean steering vector; measure spec §4's metrics; add the cost table, coverage
 (Fig. 3), the top-k check (Fig. 4) and the histograms of latents changed and contamination
 (Figs. 5–6); recommend a default setting from the numbers.
+
+Several topics (``--topics a b ...``): the protocol of :mod:`ops.topic_suite` (knobs and the best
+SAE setting chosen on a dev half of the prompts, the test half reported per topic and pooled with
+bootstrap intervals, an independent judge LM beside the model's own perplexity)::
+
+    saealign evaluate --lake out/demo/lake --topics sport cooking finance --seeds 0 1
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +29,13 @@ import pyarrow.dataset as pads
 import torch
 from tqdm.auto import tqdm
 
+from ops import topic_suite
 from ops.coverage import coverage_curve
 from ops.embedders import embed
 from ops.errors import SaealignError
 from ops.evaluation import (
     Evaluated,
+    hook_moments,
     mean_hook_activation,
     recommend,
     run_method,
@@ -35,6 +44,7 @@ from ops.evaluation import (
     summarise_method,
 )
 from ops.generation import SamplingParams
+from ops.judges import load_judge
 from ops.lake import DatasetKey, Lake
 from ops.models import load_model
 from ops.saes import load_sae
@@ -66,8 +76,26 @@ class EvaluateConfig:
     """Scored topic to steer toward."""
     dataset: str | None = None
     """Lake dataset; default: the lake's only dataset."""
-    prompts_file: str = "embedded:demo-prompts"
-    """Prompt source (a file with a text column or embedded:demo-prompts)."""
+    prompts_file: str = ""
+    """Prompt source (a file with a text column or embedded:...); empty = embedded:demo-prompts for
+    one topic, embedded:neutral-prompts with --topics."""
+    topics: tuple[str, ...] = ()
+    """Several scored topics: run the multi-topic protocol (dev/test halves, bootstrap intervals)
+    instead of the single-topic report; --topic is then ignored."""
+    settings: tuple[str, ...] = ()
+    """--topics: settings to run (default: ops.topic_suite.DEFAULT_SETTINGS)."""
+    split_seed: int = 0
+    """--topics: seed of the prompt shuffle that cuts the dev and test halves."""
+    ppl_budget: float = 1.5
+    """--topics: a knob value (or the best SAE setting) is chosen on the dev half only among those
+    whose median perplexity stays within this many × orig's."""
+    bootstrap: int = 1000
+    """--topics: bootstrap resamples for the 95 % intervals."""
+    judge: str = "gemma3-270m"
+    """--topics: the perplexity judge: a second LM ('gemma3-270m', 'path:<HF model dir>') or 'own'
+    (the steered model unsteered, which favours doing nothing)."""
+    judge_tokens: int = 24
+    """--topics: the judge scores the first this many tokens of each continuation (0 = all)."""
     n_prompts: int = 0
     """Use only the first n prompts (0 = all)."""
     seeds: tuple[int, ...] = (0,)
@@ -98,6 +126,12 @@ class EvaluateConfig:
             raise SaealignError("--seeds needs at least one seed")
         if self.n_prompts < 0 or self.batch_size < 1:
             raise SaealignError("--n-prompts must be >= 0 and --batch-size >= 1")
+        if self.bootstrap < 1 or self.judge_tokens < 0 or not self.ppl_budget > 0:
+            raise SaealignError("--bootstrap must be >= 1, --judge-tokens >= 0 and --ppl-budget > 0")
+
+    @property
+    def prompt_source(self) -> str:
+        return self.prompts_file or ("embedded:neutral-prompts" if self.topics else "embedded:demo-prompts")
 
 
 def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str) -> dict[str, float]:
@@ -113,14 +147,18 @@ def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str
 
 
 def _diffmean(model: Any, hook: str, align: list[str], lake: Lake, key: DatasetKey) -> torch.Tensor:
-    """Mean hook activation of P_align minus that of up to 512 reference prompts, drawn at random
-    (seeded) from the lake: its shards are cut in length order, so the first rows would be the
-    shortest prompts."""
+    """Mean hook activation of P_align minus that of the reference sample (:func:`_reference_moments`)."""
+    return mean_hook_activation(model, align, hook) - _reference_moments(model, hook, lake, key)[0]
+
+
+def _reference_moments(model: Any, hook: str, lake: Lake, key: DatasetKey) -> tuple[torch.Tensor, float]:
+    """Mean hook activation and mean activation norm of up to 512 reference prompts, drawn at
+    random (seeded) from the lake: its shards are cut in length order, so the first rows would be
+    the shortest prompts."""
     prompts = pads.dataset(lake.table_glob("prompts", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
     texts = prompts.to_table(columns=["prompt_id", "text"]).sort_by("prompt_id").column("text").to_pylist()
     rows = np.random.default_rng(0).choice(len(texts), min(512, len(texts)), replace=False)
-    ref = [texts[i] for i in sorted(rows)]
-    return mean_hook_activation(model, align, hook) - mean_hook_activation(model, ref, hook)
+    return hook_moments(model, [texts[i] for i in sorted(rows)], hook)
 
 
 def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
@@ -133,6 +171,8 @@ def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
 
 
 def build(cfg: EvaluateConfig) -> dict[str, Any]:
+    if cfg.topics:
+        return build_suite(cfg)
     lake = Lake(cfg.lake)
     name = resolve_dataset(lake, cfg.dataset)
     key, manifest = dataset_key(lake, name), read_manifest(lake, name)
@@ -141,7 +181,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
     embedder = lake_embedder(lake, key)
     model = load_model(key.model)
     sae = load_sae(manifest["config"]["sae"])
-    prompts = read_texts(cfg.prompts_file).texts
+    prompts = read_texts(cfg.prompt_source).texts
     prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature, stop_at_eos=False
@@ -192,6 +232,50 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
     return report
 
 
+def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The multi-topic protocol of :mod:`ops.topic_suite` over ``cfg.topics``."""
+    lake = Lake(cfg.lake)
+    name = resolve_dataset(lake, cfg.dataset)
+    key, manifest = dataset_key(lake, name), read_manifest(lake, name)
+    embedder = lake_embedder(lake, key)
+    settings = topic_suite.select_settings(cfg.settings)
+    scored = {topic: topic_scores(cfg.lake, topic, name)[0] for topic in dict.fromkeys(cfg.topics)}  # fail fast
+    model = load_model(key.model)
+    sae = load_sae(manifest["config"]["sae"])
+    reference, hook_norm = _reference_moments(model, key.hook, lake, key)
+    topics = []
+    for topic, scores_np in scored.items():
+        align = topic_align_texts(cfg.lake, topic, name)
+        diffmean = (
+            mean_hook_activation(model, align, key.hook) - reference if any(s.diffmean for s in settings) else None
+        )
+        topics.append(topic_suite.SuiteTopic(topic, torch.from_numpy(scores_np), embed(align, embedder), diffmean))
+    prompts = read_texts(cfg.prompt_source).texts
+    prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+    params = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature, stop_at_eos=False
+    )
+    options = topic_suite.SuiteOptions(
+        settings=cfg.settings,
+        seeds=cfg.seeds,
+        split_seed=cfg.split_seed,
+        ppl_budget=cfg.ppl_budget,
+        bootstrap=cfg.bootstrap,
+        judge_tokens=cfg.judge_tokens,
+        batch_size=cfg.batch_size,
+    )
+    judge = partial(load_judge, cfg.judge, model)
+    t0 = time.perf_counter()
+    suite = topic_suite.Suite(model, sae, embedder, topics, prompts, params, options, judge, hook_norm)
+    report = {"config": asdict(cfg), "dataset": name, "prompts": prompts} | suite.run()
+    report["timings"]["suite_s"] = time.perf_counter() - t0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    (out / "report.html").write_text(_evaluate_report.render_suite(report))
+    return report
+
+
 def _goals(summaries: list[dict[str, Any]], evaluated: list[Evaluated], n_prompts: int) -> dict[str, Any]:
     """Issue goals, stated plainly: swap closer than orig per prompt, perplexity, contamination."""
     by = {s["method"]: s for s in summaries}
@@ -238,9 +322,29 @@ def print_summary(report: dict[str, Any]) -> None:
         print(f"  {key}: {value}")
 
 
+def print_suite(report: dict[str, Any]) -> None:
+    def cell(stat: dict[str, float], fmt: str) -> str:
+        return f"{stat['value']:{fmt}} [{stat['lo']:{fmt}}, {stat['hi']:{fmt}}]"
+
+    print(f"test half: {len(report['protocol']['test_prompts'])} prompts x seeds {report['protocol']['seeds']}")
+    print(f"{'pooled':<18}{'shift':>26}{'closer':>22}{'win vs prompting':>22}{'ppl x orig':>22}{'distinct-2':>11}")
+    for row in report["pooled"]:
+        win = cell(row["win_vs_prompting"], ".2f") if "win_vs_prompting" in row else "-"
+        print(
+            f"{row['setting']:<18}{cell(row['shift'], '+.3f'):>26}{cell(row['closer'], '.2f'):>22}{win:>22}"
+            f"{cell(row['ppl_ratio'], '.2f'):>22}{row['distinct2']:>11.3f}"
+        )
+    print(f"perplexity judge: {report['judge']['name']} ({report['judge']['scope']})")
+    print(f"best SAE setting (chosen on the dev half): {report['best_sae_setting']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EvaluateConfig, argv, "saealign evaluate")
     report = build(cfg)
+    if cfg.topics:
+        print_suite(report)
+        print(f"report: {Path(cfg.out).resolve() / 'report.html'}")
+        return 0
     print_summary(report)
     print(f"report: {Path(cfg.out).resolve() / 'report.html'}")
     return 0

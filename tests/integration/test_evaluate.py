@@ -89,3 +89,60 @@ def test_orig_alone_reports_that_no_recommendation_is_possible(report_dir: Path,
     assert "no recommendation possible" in report["recommendation"]["reason"]
     assert "recommended: none" in capsys.readouterr().out
     assert "Recommended default:</b> none" in (out / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def suite_report(report_dir: Path) -> dict[str, Any]:
+    from tests.unit.test_judges import tiny_judge_dir
+
+    root = report_dir.parent
+    lake = str(root / "lake")
+    texts = read_texts("embedded:topic:shoes").texts
+    score_topic(lake, "shoes", texts, min_support=2, align_source="embedded:topic:shoes")
+    cfg = evaluate.EvaluateConfig(
+        lake=lake,
+        topics=("medical", "shoes"),
+        n_prompts=5,
+        seeds=(0, 1),
+        max_new_tokens=4,
+        bootstrap=50,
+        judge=f"path:{tiny_judge_dir(root / 'judge')}",
+        out=str(root / "suite"),
+    )
+    evaluate.build(cfg)
+    return json.loads((root / "suite" / "report.json").read_text())
+
+
+def test_suite_reports_every_setting_per_topic_and_pooled(suite_report: dict[str, Any]) -> None:
+    from ops.topic_suite import DEFAULT_SETTINGS
+
+    proto = suite_report["protocol"]
+    assert sorted(proto["dev_prompts"] + proto["test_prompts"]) == list(range(5))
+    assert suite_report["config"]["prompts_file"] == "" and len(suite_report["prompts"]) == 5  # neutral prompts
+    assert set(suite_report["per_topic"]) == {"medical", "shoes"}
+    for rows in [*suite_report["per_topic"].values(), suite_report["pooled"]]:
+        assert [r["setting"] for r in rows] == list(DEFAULT_SETTINGS)
+        for r in rows:
+            for key in ("shift", "closer", "ppl_ratio"):
+                stat = r[key]
+                assert stat["lo"] - 1e-9 <= stat["value"] <= stat["hi"] + 1e-9, (r["setting"], key, stat)
+            assert 0.0 <= r["closer"]["value"] <= 1.0
+    orig = suite_report["pooled"][0]
+    assert orig["shift"]["value"] == 0.0 and orig["ppl_ratio"]["value"] == pytest.approx(1.0)
+    by = {s["label"]: s for s in suite_report["settings"]}
+    for s in by.values():
+        if s["grid"]:
+            assert s["chosen"] in s["grid"], s
+        elif s["knob_from"]:
+            assert s["chosen"] == by[s["knob_from"]]["chosen"], s
+        else:
+            assert s["chosen"] is None, s
+    assert suite_report["best_sae_setting"] in {s["label"] for s in suite_report["settings"] if s["uses_sae"]}
+    assert suite_report["judge"]["name"].startswith("path:")
+
+
+def test_suite_html_has_a_plot_per_topic(report_dir: Path, suite_report: dict[str, Any]) -> None:
+    page = (report_dir.parent / "suite" / "report.html").read_text()
+    for topic in ("medical", "shoes"):
+        assert f'alt="topic {topic}"' in page
+    assert 'alt="pooled"' in page and "Knobs chosen on the dev half" in page
