@@ -101,17 +101,26 @@ def topics_section(data: dict[str, Any]) -> list[str]:
         "",
         "### Settings and the knobs the dev half chose",
         "",
-        "| setting | what it changes | knob | grid | chosen | dev half (value: shift, perplexity ×) |",
-        "|---|---|---|---|---|---|",
+        "| setting | what it changes | knob | grid | chosen | dev half (value: shift, perplexity ×) "
+        "| what it cost (test, pooled: perplexity × orig, distinct-2 orig → setting) |",
+        "|---|---|---|---|---|---|---|",
     ]
+    pooled = {r["setting"]: r for r in data["pooled"]}
     for s in data["settings"]:
+        row, orig = pooled.get(s["label"]), pooled.get("orig")
+        cost = (
+            f"{row['ppl_ratio']['value']:.2f}×, {orig['distinct2']:.3f} → {row['distinct2']:.3f}"
+            if row and orig and s["label"] != "orig"
+            else "–"
+        )
         tried = data["dev"]["settings"].get(s["label"], {}).get("tried", [])
         dev = "; ".join(
             f"{'as is' if t['value'] is None else t['value']}: {t['shift']:+.3f}, {t['ppl_ratio']:.2f}" for t in tried
         )
         grid = ", ".join(map(str, s["grid"])) or "–"
         out.append(
-            f"| {s['label']} | {s['what']} | {s['knob'] or '–'} | {grid} | {_num(s['chosen'], 'g')} | {dev or '–'} |"
+            f"| {s['label']} | {s['what']} | {s['knob'] or '–'} | {grid} | {_num(s['chosen'], 'g')} | {dev or '–'} "
+            f"| {cost} |"
         )
     out += ["", "### Pooled over topics (test half)", "", *_table(data["pooled"], data.get("best_sae_setting"))]
     for topic, rows in data["per_topic"].items():
