@@ -31,7 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -142,16 +142,24 @@ class SuiteTopic:
         return f"Write about {self.name}: "
 
 
-@dataclass(frozen=True)
-class SuiteOptions:
-    settings: tuple[str, ...] = ()
-    """Settings to run (default: DEFAULT_SETTINGS); orig always runs."""
-    seeds: tuple[int, ...] = (0, 1)
-    split_seed: int = 0
-    ppl_budget: float = 1.5
-    bootstrap: int = 1000
-    judge_tokens: int = 24
-    batch_size: int = 64
+class SuiteOptions(Protocol):
+    """The protocol's options, declared once in the job config (``workflows.evaluate.EvaluateConfig``
+    has every one of them); any object with these attributes serves."""
+
+    @property
+    def settings(self) -> tuple[str, ...]: ...
+    @property
+    def seeds(self) -> tuple[int, ...]: ...
+    @property
+    def split_seed(self) -> int: ...
+    @property
+    def ppl_budget(self) -> float: ...
+    @property
+    def bootstrap(self) -> int: ...
+    @property
+    def judge_tokens(self) -> int: ...
+    @property
+    def batch_size(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,12 @@ class EvaluateConfig:
             raise SaealignError("--bootstrap must be >= 1, --judge-tokens >= 0 and --ppl-budget > 0")
 
     @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, top_k=self.top_k, temperature=self.temperature, stop_at_eos=False
+        )
+
+    @property
     def prompt_source(self) -> str:
         return self.prompts_file or ("embedded:neutral-prompts" if self.topics else "embedded:demo-prompts")
 
@@ -183,9 +189,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
     sae = load_sae(manifest["config"]["sae"])
     prompts = read_texts(cfg.prompt_source).texts
     prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature, stop_at_eos=False
-    )
+    params = cfg.sampling
     scores = torch.from_numpy(scores_np)
     runs = standard_runs(scores, cfg.topic, cfg.diffmean_scale)
     if cfg.methods:
@@ -252,21 +256,10 @@ def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
         topics.append(topic_suite.SuiteTopic(topic, torch.from_numpy(scores_np), embed(align, embedder), diffmean))
     prompts = read_texts(cfg.prompt_source).texts
     prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
-    params = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, temperature=cfg.temperature, stop_at_eos=False
-    )
-    options = topic_suite.SuiteOptions(
-        settings=cfg.settings,
-        seeds=cfg.seeds,
-        split_seed=cfg.split_seed,
-        ppl_budget=cfg.ppl_budget,
-        bootstrap=cfg.bootstrap,
-        judge_tokens=cfg.judge_tokens,
-        batch_size=cfg.batch_size,
-    )
+    params = cfg.sampling
     judge = partial(load_judge, cfg.judge, model)
     t0 = time.perf_counter()
-    suite = topic_suite.Suite(model, sae, embedder, topics, prompts, params, options, judge, hook_norm)
+    suite = topic_suite.Suite(model, sae, embedder, topics, prompts, params, cfg, judge, hook_norm)
     report = {"config": asdict(cfg), "dataset": name, "prompts": prompts} | suite.run()
     report["timings"]["suite_s"] = time.perf_counter() - t0
     out = Path(cfg.out)

@@ -3,6 +3,8 @@ and the bootstrap summaries (on synthetic per-prompt numbers)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -51,7 +53,7 @@ def test_each_setting_becomes_its_spec() -> None:
 
 def test_choice_keeps_the_largest_drop_within_the_perplexity_budget() -> None:
     suite = object.__new__(ts.Suite)
-    suite.options = ts.SuiteOptions(ppl_budget=1.5)
+    suite.options = SimpleNamespace(ppl_budget=1.5)  # type: ignore[assignment]
     tried = [
         {"value": 1, "shift": -0.01, "ppl_ratio": 1.1},
         {"value": 2, "shift": -0.05, "ppl_ratio": 1.4},
