@@ -20,9 +20,8 @@ Design (the choices the spec leaves open):
   activations (slot pre-activation as the logit, positives re-weighted to balance the classes),
   ``λ_token`` × the same BCE on the per-token activations of labelled texts (each token takes its
   text's label; it calibrates the per-token activations that swaps edit: trained on pooled
-  vectors alone, slots fired on single tokens at up to 20× their typical value and on a third
-  of other concepts' tokens, and a swap at α = 0.5 cost +45 % perplexity, against +15 % with it
-  (embedded ontology, tiny SAE); pooled AUC also rose, 0.91 -> 0.97), and optionally
+  vectors alone, slots can fire on single tokens far above their typical value and on other
+  concepts' tokens), and optionally
   ``λ_indep`` × the mean squared correlation between concept and free slots.
 * **Curriculum**: stage 1 trains reconstruction only (free slots adapt to the new concept
   decoder rows, concept encoders frozen), stage 2 adds binding and decorrelation.

@@ -90,13 +90,6 @@ class ReconTally:
         return 1.0 - self.sse / variance if variance > 0 else float("nan")
 
 
-def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
-    """MSE per element and explained variance of ``x_hat`` for ``x`` ([tokens, d])."""
-    tally = ReconTally()
-    tally.add(x, x_hat)
-    return {"mse": tally.mse, "explained_variance": tally.explained_variance}
-
-
 def discretise(values: np.ndarray, n_bins: int = 4) -> np.ndarray:
     """Integer codes: 0 for inactive (≤ 0), 1..n_bins-1 for equal-frequency bins of active values."""
     values = np.asarray(values, dtype=np.float64)

@@ -259,10 +259,6 @@ class SAEView:
 # Pure interventions on one batch of pre-activations (scores broadcast against γ)
 
 
-def sae_acts(view: SAEView, gamma: torch.Tensor) -> torch.Tensor:
-    return view.act(gamma)
-
-
 def clamp_acts(acts: torch.Tensor, clamp_mask: torch.Tensor, mult: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
     """Clamp: where ``clamp_mask``, a' = a·mult + add (multiply: mult=factor, add=0; add: 1, factor)."""
     return torch.where(clamp_mask, acts * mult + add, acts)
@@ -501,9 +497,6 @@ class SteeringRecord:
     one per decode step)."""
 
     steps: list[StepStats] = field(default_factory=list)
-
-    def clear(self) -> None:
-        self.steps.clear()
 
 
 # ---------------------------------------------------------------------------------------------

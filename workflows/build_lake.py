@@ -252,9 +252,9 @@ def resolve_layout(cfg: BuildLakeConfig, cluster: dict[str, float]) -> BuildLake
 
     On CPU the auto layout runs one single-threaded LM actor per CPU and shares the CPUs evenly
     among all actors, so that every actor is scheduled. Separate single-threaded processes use a
-    small machine's cores better than one multi-threaded actor (measured on a 2-core CPU: torch runs
-    the embedded LM only 1.46x faster on 2 threads than on 1), and they give the embedding stage the time
-    the LM actors spend outside torch."""
+    small machine's cores better than one multi-threaded actor (torch gains little from a second
+    thread on a model this small), and they give the embedding stage the time the LM actors spend
+    outside torch."""
     cpus = float(cluster.get("CPU", 0))
     if cpus <= 0:
         raise SaealignError("the Ray cluster reports no CPUs; fix: start Ray with CPUs (ray start --num-cpus N)")

@@ -46,13 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module_name, _ = JOBS[job]
-    try:
-        module = importlib.import_module(f"workflows.{module_name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"workflows.{module_name}":
-            raise
-        print(f"saealign {job}: not built yet in this version", file=sys.stderr)
-        return 2
+    module = importlib.import_module(f"workflows.{module_name}")
     entry = getattr(module, "main_" + job.replace("-", "_"), None) or module.main
     try:
         return int(entry(rest) or 0)

@@ -39,8 +39,8 @@ class DemoConfig:
     max_new_tokens: int = 64
     """Tokens generated per prompt and method."""
     batch_size: int = 40
-    """Prompts per generation batch (40: every demo prompt in one batch; on a 2-core CPU a decode
-    step for 40 rows took 0.17 s against 0.09 s for 8)."""
+    """Prompts per generation batch (40: every demo prompt in one batch; larger batches cost less
+    per row; tests/benchmarks/bench_generation.py measures it)."""
     workers: int = 0
     """LM/SAE actors for the lake (0 = auto, as in build-lake)."""
 

@@ -21,9 +21,8 @@ method, options) and sampling seed, rows with equal sampling parameters run in o
 :func:`ops.generation.generate` call, and every row's output equals what the same request gives
 alone (per-row seeded sampling; tested).
 Why not ``@serve.batch``: it forms the next batch as soon as the previous one *starts* (then
-waits for its semaphore), so with one batch running at a time the batches stay small under load
-(measured: mean 3.4 rows of 8 with 16 busy clients); the Batcher forms each batch when the
-engine is free, from every row waiting then.
+waits for its semaphore), so with one batch running at a time the batches stay small under load;
+the Batcher forms each batch when the engine is free, from every row waiting then.
 
 Streaming runs one request in a thread and passes ``generate`` an ``on_token`` callback, so each
 token is sent as soon as it is sampled, with the contamination of the step that produced it.

@@ -218,48 +218,6 @@ class CompletionRequest(BaseModel):
 # Responses (documented shapes; the handlers return plain dicts of these)
 
 
-class GenerateResponse(BaseModel):
-    """One continuation with its per-token statistics (``GenerationResult.to_dict()`` and more)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    prompt: str
-    method: str
-    topic: str | None
-    text: str
-    tokens: list[str]
-    token_ids: list[int]
-    contamination: list[float | None]
-    latents_changed: list[float | None]
-    mean_contamination: float | None
-    finish_reason: str
-    timings: dict[str, float]
-
-
-class CompareResponse(BaseModel):
-    prompt: str
-    topic: str | None
-    seed: int
-    results: list[GenerateResponse]
-
-
-class TopLatent(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    latent: int
-    score: float
-    support: int | None = None
-
-
-class TopicInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    topic: str
-    n_align: int | None = None
-    n_scored: int | None = None
-    top: list[TopLatent] = []
-
-
 # ---------------------------------------------------------------------------------------------
 # Limits and errors
 

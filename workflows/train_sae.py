@@ -67,8 +67,8 @@ class TrainSAEConfig:
     text_column: str = "text"
     """Name of the text column in file sources."""
     tokens: int = 2_000_000
-    """Training budget in activations (the collected ones repeated as needed); ~12 min on a
-    2-core CPU at the default size. Ignored when --epochs is given."""
+    """Training budget in activations (the collected ones repeated as needed). Ignored when
+    --epochs is given."""
     epochs: float = 0.0
     """Passes over the collected activations instead of a token budget (0 = use --tokens)."""
     context: int = 256
