@@ -54,13 +54,23 @@ class Evaluated:
         return np.array([r[key] for r in self.rows], dtype=np.float64)
 
 
+def prompting_prefix(topic: str) -> str:
+    """The prompting baseline's instruction, put before the prompt."""
+    return f"Write about {topic}: "
+
+
+def continuation_embeddings(results: Sequence[GenerationResult], embedder: str) -> np.ndarray:
+    """Sentence embeddings of the continuations (an empty one embedded as '.')."""
+    return embed([r.text if r.text.strip() else "." for r in results], embedder)
+
+
 def standard_runs(scores: torch.Tensor, topic: str, diffmean_scale: float) -> list[MethodRun]:
     """The methods of the paper's Table 2 plus keep_error variants and the two baselines."""
     runs = [MethodRun("orig", SteeringSpec("orig", scores=scores, topic=topic))]
     for method in ("sae", "clamp", "swap", "weight"):
         runs.append(MethodRun(method, SteeringSpec(method, scores=scores, topic=topic)))  # type: ignore[arg-type]
         runs.append(MethodRun(f"{method}+err", SteeringSpec(method, scores=scores, topic=topic, keep_error=True)))  # type: ignore[arg-type]
-    runs.append(MethodRun("prompting", None, prompt_prefix=f"Write about {topic}: "))
+    runs.append(MethodRun("prompting", None, prompt_prefix=prompting_prefix(topic)))
     runs.append(MethodRun("diffmean", None, diffmean_scale=diffmean_scale))
     return runs
 
@@ -115,8 +125,7 @@ def score_results(
     embedder: str,
 ) -> list[dict[str, Any]]:
     """Metrics per generation; perplexity conditions on the original prompt (no prefix)."""
-    conts = [r.text if r.text.strip() else "." for r in results]
-    distances = min_distances(embed(conts, embedder), align_embeddings)
+    distances = min_distances(continuation_embeddings(results, embedder), align_embeddings)
     prompt_ids = model.tokenize(list(prompts))
     row_prompts = [prompt_ids[i % len(prompts)] for i in range(len(results))]
     perplexities = continuation_perplexities(model, row_prompts, [r.token_ids for r in results])

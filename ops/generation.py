@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ops.activations import pad_batch
 from ops.errors import SaealignError, SAEMismatchError
 from ops.models import LanguageModel
 from ops.steering import SteeringRecord, SteeringSpec, special_ids_of, steering_hook
@@ -285,7 +284,6 @@ def decode_loop(
 # Perplexity of continuations
 
 
-@torch.inference_mode()
 def continuation_perplexities(
     model: LanguageModel,
     prompt_ids: Sequence[Sequence[int]],
@@ -293,8 +291,23 @@ def continuation_perplexities(
     batch_size: int = 16,
 ) -> list[float]:
     """exp(mean NLL) of each continuation given its prompt under the unsteered HF model (NaN for
-    an empty continuation). Rows run in right-padded batches: a causal model's logits at the
-    real positions do not see the padding after them."""
+    an empty continuation); see :func:`perplexities_of_ids`."""
+    pad_id = model.tokenizer.pad_token_id
+    return perplexities_of_ids(model.hf, prompt_ids, cont_ids, 0 if pad_id is None else pad_id, batch_size)
+
+
+@torch.inference_mode()
+def perplexities_of_ids(
+    hf: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    cont_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> list[float]:
+    """exp(mean NLL) of each continuation given its prompt under a Hugging Face causal LM (NaN for
+    an empty continuation). Rows run in right-padded batches, in the order given: a causal
+    model's logits at the real positions do not see the padding after them. The output head runs
+    only from the batch's shortest prompt on (``logits_to_keep``)."""
     if len(prompt_ids) != len(cont_ids):
         raise SaealignError(f"{len(prompt_ids)} prompts for {len(cont_ids)} continuations")
     if batch_size < 1:
@@ -303,14 +316,22 @@ def continuation_perplexities(
         raise SaealignError("a continuation's prompt is empty; fix: give every prompt at least one token")
     out = [math.nan] * len(cont_ids)
     rows = [i for i, c in enumerate(cont_ids) if len(c)]
+    device = next(hf.parameters()).device
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = pad_batch(model, [list(prompt_ids[i]) + list(cont_ids[i]) for i in chunk], chunk)
-        ids = batch.tokens.to(model.device)
-        logits = model.hf(input_ids=ids, attention_mask=batch.attention_mask.to(model.device)).logits.float()
+        seqs = [list(prompt_ids[i]) + list(cont_ids[i]) for i in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[j, : len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        offset = min(len(prompt_ids[i]) for i in chunk) - 1  # first position whose logits count
+        logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=width - offset).logits.float()
         for j, i in enumerate(chunk):
             p, n = len(prompt_ids[i]), len(cont_ids[i])
-            nll = F.cross_entropy(logits[j, p - 1 : p + n - 1], ids[j, p : p + n])
+            nll = F.cross_entropy(logits[j, p - 1 - offset : p + n - 1 - offset], ids[j, p : p + n])
             out[i] = float(torch.exp(nll))
     return out
 

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ops.errors import SaealignError
+from ops.generation import perplexities_of_ids
 from ops.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,8 @@ class PerplexityJudge:
         self, prompts: Sequence[str], continuations: Sequence[str], max_tokens: int = 0, batch_size: int = 32
     ) -> list[float]:
         """exp(mean NLL) of each continuation's first ``max_tokens`` judge tokens (0 = all) given its
-        prompt; NaN for an empty continuation. Rows run in right-padded batches of similar length
-        (a causal LM's logits at real positions do not see the padding after them); the output
-        head runs only at the continuation's positions."""
+        prompt; NaN for an empty continuation. Rows are batched by length for
+        :func:`ops.generation.perplexities_of_ids`."""
         if len(prompts) != len(continuations):
             raise SaealignError(f"{len(prompts)} prompts for {len(continuations)} continuations")
         tok = self.tokenizer
@@ -78,26 +77,10 @@ class PerplexityJudge:
         out = [math.nan] * len(prompts)
         rows = sorted((i for i, c in enumerate(c_ids) if c and p_ids[i]), key=lambda i: len(p_ids[i]) + len(c_ids[i]))
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            seqs = [p_ids[i] + c_ids[i] for i in chunk]
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-            for j, i in enumerate(chunk):
-                p, n = len(p_ids[i]), len(c_ids[i])
-                logits = self._logits(hidden[j, p - 1 : p + n - 1])
-                out[i] = float(torch.exp(F.cross_entropy(logits, ids[j, p : p + n])))
+        vals = perplexities_of_ids(self.model, [p_ids[i] for i in rows], [c_ids[i] for i in rows], pad, batch_size)
+        for i, v in zip(rows, vals, strict=True):
+            out[i] = v
         return out
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden).float()
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def load_judge(name: str = DEFAULT_JUDGE, own: Any = None) -> PerplexityJudge:

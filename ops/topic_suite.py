@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ops.embedders import embed
 from ops.errors import SaealignError
+from ops.evaluation import continuation_embeddings, prompting_prefix
 from ops.generation import GenerationResult, SamplingParams, generate
 from ops.judges import PerplexityJudge, distinct_n
 from ops.models import LanguageModel
@@ -139,7 +139,7 @@ class SuiteTopic:
 
     @property
     def prefix(self) -> str:
-        return f"Write about {self.name}: "
+        return prompting_prefix(self.name)
 
 
 class SuiteOptions(Protocol):
@@ -273,8 +273,7 @@ class Suite:
         return results
 
     def _score(self, rows: list[_Row], results: list[GenerationResult]) -> _Scored:
-        conts = [r.text if r.text.strip() else "." for r in results]
-        emb = embed(conts, self.embedder)
+        emb = continuation_embeddings(results, self.embedder)
         scored = _Scored(rows, results)
         for topic in self.topics:
             scored.distance[topic.name] = min_distances(emb, topic.align_embeddings)
@@ -352,7 +351,8 @@ class Suite:
         first = [(s, v) for s in dev_settings if s.grid or s.label == "orig" for v in (s.grid or (None,))]
         rows = self._rows(first, self.dev, [seed])
         scored = self._score(rows, self._generate(rows, "dev half (knobs)"))
-        stats = self._dev_stats(scored, first)
+        base = self._per_prompt(scored, "orig", None)
+        stats = self._dev_stats(scored, base, first)
         chosen = {s.label: self._choose([stats[(s.label, v)] for v in s.grid])["value"] for s in dev_settings if s.grid}
         second = []
         for s in dev_settings:
@@ -367,14 +367,12 @@ class Suite:
         if second:
             rows2 = self._rows(second, self.dev, [seed])
             more = self._score(rows2, self._generate(rows2, "dev half (the rest)"))
-            scored = _merge(scored, more)
-            stats |= self._dev_stats(scored, second)
+            stats |= self._dev_stats(more, base, second)
+        chosen |= {s.label: v for s, v in second}
         out: dict[str, Any] = {"settings": {}}
         for setting, value in [c for c in first if c[0].label != "orig"] + second:
-            entry = out["settings"].setdefault(setting.label, {"tried": []})
+            entry = out["settings"].setdefault(setting.label, {"tried": [], "chosen": chosen[setting.label]})
             entry["tried"].append(stats[(setting.label, value)])
-        for entry in out["settings"].values():
-            entry["chosen"] = self._choose(entry["tried"])["value"]
         for key, pool in (
             ("best_sae_setting", [s for s in dev_settings if s.steers_with_sae]),
             ("best_sae_setting_unprompted", [s for s in dev_settings if s.steers_with_sae and not s.prompted]),
@@ -384,9 +382,12 @@ class Suite:
         return out
 
     def _dev_stats(
-        self, scored: _Scored, candidates: Sequence[tuple[Setting, float | None]]
+        self,
+        scored: _Scored,
+        base: dict[str, dict[str, np.ndarray]],
+        candidates: Sequence[tuple[Setting, float | None]],
     ) -> dict[tuple[str, float | None], dict[str, Any]]:
-        base = self._per_prompt(scored, "orig", None)
+        """Pooled distance shift and perplexity ratio of each candidate against orig's ``base``."""
         stats = {}
         for setting, value in candidates:
             if setting.label == "orig":
@@ -451,16 +452,6 @@ class Suite:
             seen[key] = seen.get(key, 0) + 1
             out.append({"setting": key[0], "topic": key[1], "prompt": self.prompts[r.prompt], "text": res.text})
         return out
-
-
-def _merge(a: _Scored, b: _Scored) -> _Scored:
-    return _Scored(
-        a.rows + b.rows,
-        a.results + b.results,
-        {t: np.concatenate([a.distance[t], b.distance[t]]) for t in a.distance},
-        np.concatenate([a.log_ppl, b.log_ppl]),
-        np.concatenate([a.distinct2, b.distinct2]),
-    )
 
 
 def _group_mean(values: np.ndarray, which: np.ndarray, n: int) -> np.ndarray:

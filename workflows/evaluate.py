@@ -152,9 +152,9 @@ def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str
     return {"align_embeddings_s": t1 - t0, "distances_s": t2 - t1, "scoring_s": t3 - t2, "total_s": t3 - t0}
 
 
-def _diffmean(model: Any, hook: str, align: list[str], lake: Lake, key: DatasetKey) -> torch.Tensor:
+def _diffmean(model: Any, hook: str, align: list[str], reference_mean: torch.Tensor) -> torch.Tensor:
     """Mean hook activation of P_align minus that of the reference sample (:func:`_reference_moments`)."""
-    return mean_hook_activation(model, align, hook) - _reference_moments(model, hook, lake, key)[0]
+    return mean_hook_activation(model, align, hook) - reference_mean
 
 
 def _reference_moments(model: Any, hook: str, lake: Lake, key: DatasetKey) -> tuple[torch.Tensor, float]:
@@ -176,19 +176,27 @@ def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
     return [asdict(p) for p in coverage_curve(acts, d_sae, sizes)]
 
 
+def _dataset(cfg: EvaluateConfig) -> tuple[Lake, str, DatasetKey, dict[str, Any]]:
+    lake = Lake(cfg.lake)
+    name = resolve_dataset(lake, cfg.dataset)
+    return lake, name, dataset_key(lake, name), read_manifest(lake, name)
+
+
+def _prompts(cfg: EvaluateConfig) -> list[str]:
+    prompts = read_texts(cfg.prompt_source).texts
+    return prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+
+
 def build(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.topics:
         return build_suite(cfg)
-    lake = Lake(cfg.lake)
-    name = resolve_dataset(lake, cfg.dataset)
-    key, manifest = dataset_key(lake, name), read_manifest(lake, name)
+    lake, name, key, manifest = _dataset(cfg)
     scores_np, meta = topic_scores(cfg.lake, cfg.topic, name)
     align = topic_align_texts(cfg.lake, cfg.topic, name)
     embedder = lake_embedder(lake, key)
     model = load_model(key.model)
     sae = load_sae(manifest["config"]["sae"])
-    prompts = read_texts(cfg.prompt_source).texts
-    prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+    prompts = _prompts(cfg)
     params = cfg.sampling
     scores = torch.from_numpy(scores_np)
     runs = standard_runs(scores, cfg.topic, cfg.diffmean_scale)
@@ -197,7 +205,11 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
         if unknown:
             raise SaealignError(f"unknown method(s) {sorted(unknown)}; choose from {[r.label for r in runs]}")
         runs = [r for r in runs if r.label in cfg.methods or r.label == "orig"]
-    diffmean = _diffmean(model, key.hook, align, lake, key) if any(r.diffmean_scale for r in runs) else None
+    diffmean = (
+        _diffmean(model, key.hook, align, _reference_moments(model, key.hook, lake, key)[0])
+        if any(r.diffmean_scale for r in runs)
+        else None
+    )
     align_emb = embed(align, embedder)
     evaluated: list[Evaluated] = []
     for run in tqdm(runs, desc="methods", unit="method"):
@@ -238,9 +250,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
 
 def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
     """The multi-topic protocol of :mod:`ops.topic_suite` over ``cfg.topics``."""
-    lake = Lake(cfg.lake)
-    name = resolve_dataset(lake, cfg.dataset)
-    key, manifest = dataset_key(lake, name), read_manifest(lake, name)
+    lake, name, key, manifest = _dataset(cfg)
     embedder = lake_embedder(lake, key)
     settings = topic_suite.select_settings(cfg.settings)
     scored = {topic: topic_scores(cfg.lake, topic, name)[0] for topic in dict.fromkeys(cfg.topics)}  # fail fast
@@ -250,12 +260,9 @@ def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
     topics = []
     for topic, scores_np in scored.items():
         align = topic_align_texts(cfg.lake, topic, name)
-        diffmean = (
-            mean_hook_activation(model, align, key.hook) - reference if any(s.diffmean for s in settings) else None
-        )
+        diffmean = _diffmean(model, key.hook, align, reference) if any(s.diffmean for s in settings) else None
         topics.append(topic_suite.SuiteTopic(topic, torch.from_numpy(scores_np), embed(align, embedder), diffmean))
-    prompts = read_texts(cfg.prompt_source).texts
-    prompts = prompts[: cfg.n_prompts] if cfg.n_prompts else prompts
+    prompts = _prompts(cfg)
     params = cfg.sampling
     judge = partial(load_judge, cfg.judge, model)
     t0 = time.perf_counter()
