@@ -1,13 +1,12 @@
 """Hook activations from a language model: batching, position masks, running to one hook.
 
-One rule everywhere (spec §3): the first position and special tokens (BOS, EOS, pad) are
-excluded from SAE training, prompt summaries and interventions. They carry the attention-sink
-activation, an outlier the SAE reconstructs poorly.
+One rule everywhere (``ops.steering.protected_positions``): the first position and special
+tokens (BOS, EOS, pad) are excluded from SAE training, prompt summaries and interventions. They
+carry the attention-sink activation, an outlier the SAE reconstructs poorly.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,16 +15,7 @@ import torch
 from ops.batching import length_batches
 from ops.errors import SaealignError
 from ops.models import LanguageModel
-
-_RESID_HOOK = re.compile(r"^blocks\.(\d+)\.")
-
-
-def hook_layer(hook_name: str) -> int:
-    """Block index of a TransformerLens hook name such as ``blocks.6.hook_resid_post``."""
-    match = _RESID_HOOK.match(hook_name)
-    if not match:
-        raise SaealignError(f"hook '{hook_name}' is not a per-block hook; fix: use e.g. 'blocks.6.hook_resid_post'")
-    return int(match.group(1))
+from ops.steering import hook_activations, hook_layer, protected_positions, special_ids_of
 
 
 def check_hook(model: LanguageModel, hook_name: str) -> int:
@@ -51,12 +41,6 @@ class TokenBatch:
     rows: list[int]
 
 
-def special_token_ids(model: LanguageModel) -> list[int]:
-    ids = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
-    ids.update(getattr(model.tokenizer, "all_special_ids", []) or [])
-    return sorted(i for i in ids if i is not None)
-
-
 def pad_batch(model: LanguageModel, ids: Sequence[Sequence[int]], rows: list[int]) -> TokenBatch:
     """Right-pad token id lists and compute the counted-position mask."""
     pad_id = model.tokenizer.pad_token_id
@@ -67,9 +51,9 @@ def pad_batch(model: LanguageModel, ids: Sequence[Sequence[int]], rows: list[int
     for i, row in enumerate(ids):
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         attention[i, : len(row)] = 1
-    special = torch.isin(tokens, torch.tensor(special_token_ids(model), dtype=torch.long))
-    keep = attention.bool() & ~special
-    keep[:, 0] = False
+    special = torch.tensor(special_ids_of(model.tokenizer), dtype=torch.long)
+    real, protected = protected_positions(tokens, attention, 0, special, (len(ids), width))
+    keep = real & ~protected
     return TokenBatch(tokens=tokens, attention_mask=attention, keep=keep, rows=rows)
 
 
@@ -81,18 +65,6 @@ def iter_batches(model: LanguageModel, texts: Sequence[str], max_tokens: int, co
         yield pad_batch(model, [ids[j] for j in batch], batch)
 
 
-@torch.no_grad()
 def run_to_hook(model: LanguageModel, batch: TokenBatch, hook_name: str) -> torch.Tensor:
     """Activations [batch, seq, d_model] at ``hook_name``, running only the blocks needed."""
-    layer = hook_layer(hook_name)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(act: torch.Tensor, hook: object) -> None:
-        captured["x"] = act
-
-    tl = model.tl
-    tokens = batch.tokens.to(model.device)
-    mask = batch.attention_mask.to(model.device)
-    with tl.hooks(fwd_hooks=[(hook_name, grab)]):
-        tl(tokens, attention_mask=mask, stop_at_layer=layer + 1)
-    return captured["x"]
+    return hook_activations(model.tl, batch.tokens.to(model.device), batch.attention_mask.to(model.device), hook_name)

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from ops.activations import iter_batches, run_to_hook
 from ops.errors import SaealignError
 from ops.models import LanguageModel
+from ops.steering import SAEView
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,10 @@ class AlignedSAE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    def steering_view(self) -> AlignedView:
+        """How the steering hook runs this SAE (``ops.steering.latent_view``)."""
+        return AlignedView(self, SAEView.of(self.base))
+
     def save(self, path: Path) -> None:
         """Write the free SAE in sae-lens format and the concept slots beside it."""
         from safetensors.torch import save_file
@@ -213,6 +218,32 @@ class AlignedSAE(nn.Module):
             "d_free": str(self.d_free),
         }
         save_file(tensors, str(path / CONCEPT_SLOTS_FILE), metadata=meta)
+
+
+@dataclass
+class AlignedView:
+    """An :class:`AlignedSAE` as pre-activation -> activation -> decode over all ``d_free + C``
+    slots, computing what its ``encode``/``decode`` compute. Concept slots are edited with the
+    steering method ``set``; Swap and Weight need a plain SAE."""
+
+    aligned: AlignedSAE
+    free: SAEView
+    kind: str = "concept"
+
+    @property
+    def d_sae(self) -> int:
+        return self.aligned.d_sae
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.free.pre(x), self.aligned.concept_pre(x)], dim=-1)
+
+    def act(self, gamma: torch.Tensor) -> torch.Tensor:
+        d = self.aligned.d_free
+        return torch.cat([self.free.act(gamma[..., :d]), F.relu(gamma[..., d:])], dim=-1)
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        d = self.aligned.d_free
+        return self.free.decode(acts[..., :d]) + acts[..., d:] @ self.aligned.W_dec_c
 
 
 def load_aligned_sae(path: str | Path, device: str = "cpu") -> AlignedSAE:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ops.activations import TokenBatch, hook_layer, iter_batches, run_to_hook
+from ops.activations import TokenBatch, iter_batches, run_to_hook
 from ops.models import LanguageModel
+from ops.steering import hook_layer
 
 
 @dataclass(frozen=True)

@@ -35,29 +35,37 @@ Positions: the first real position of each row and special tokens (BOS, EOS, pad
 untouched (pass-through x, statistics NaN) unless ``include_first=True``; padding is never steered.
 
 Isolation: nothing about a request is global. The context manager registers (reference-counted)
-one dispatching hook per module; it acts only for the session set in a ``ContextVar`` by the
-caller's own ``with`` block, so concurrent calls in other threads or asyncio tasks, with other
-specs, never see this one. Nested sessions on one model: the innermost one applies.
+one dispatching hook per module; it acts only for the sessions set in a ``ContextVar`` by the
+caller's own ``with`` blocks, so concurrent calls in other threads or asyncio tasks, with other
+specs, never see them. Nested sessions compose: at each layer, every session of the context
+applies in the order entered (several SAEs, hooks or vectors in one call).
+
+This is the project's one module that puts hooks on a model: steering (Hugging Face forward
+hooks, TransformerLens hook functions) and reading activations at a hook
+(:func:`hook_activations`), with one hook-name parser (:func:`hook_layer`) and one rule for the
+positions left alone (:func:`protected_positions`).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
+import re
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
 
-Method = Literal["orig", "sae", "clamp", "swap", "weight"]
-METHODS: tuple[str, ...] = ("orig", "sae", "clamp", "swap", "weight")
+Method = Literal["orig", "sae", "clamp", "swap", "weight", "set"]
+METHODS: tuple[str, ...] = ("orig", "sae", "clamp", "swap", "weight", "set")
 SCORED_METHODS: tuple[str, ...] = ("clamp", "swap", "weight")
 ClampMode = Literal["multiply", "add"]
 
@@ -82,7 +90,8 @@ class SteeringSpec:
     """What one request asks of the hook. Immutable; validated on construction."""
 
     method: Method = "orig"
-    """orig (no change), sae (SAE reconstruction), clamp (baseline), swap (paper eq. 3), weight (ablation)."""
+    """orig (no change), sae (SAE reconstruction), clamp (baseline), swap (paper eq. 3), weight
+    (ablation), set (chosen latents set to given values, e.g. an AlignSAE concept swap)."""
     scores: torch.Tensor | None = None
     """Topic scores [d_sae] in [0, 1], NaN = unscored (treated as 0). Required by clamp/swap/weight;
     for orig/sae they only turn on the contamination measurement."""
@@ -100,12 +109,15 @@ class SteeringSpec:
     """Steer the first position and special tokens too (default: left untouched, spec §3)."""
     vector: torch.Tensor | None = None
     """A steering vector [d_model] added at every steered position after the method's edit."""
+    latents: Mapping[int, float] | None = None
+    """Set: latent index -> the value it takes (every other latent keeps its activation)."""
     topic: str | None = None
     """Label of the topic the scores belong to (reporting only)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise SaealignError(f"unknown steering method '{self.method}'; fix: use one of {', '.join(METHODS)}")
+        self._check_latents()
         if self.scores is not None:
             object.__setattr__(self, "scores", as_scores(self.scores))
         elif self.method in SCORED_METHODS:
@@ -125,6 +137,18 @@ class SteeringSpec:
             raise SaealignError(f"strength must be finite and non-negative, got {self.strength}")
         if self.strength != 1.0 and self.method not in ("swap", "weight"):
             raise SaealignError(f"strength applies to swap and weight only, not '{self.method}'; fix: drop it")
+
+    def _check_latents(self) -> None:
+        if (self.method == "set") != (self.latents is not None):
+            raise SaealignError(
+                "method 'set' takes latents={index: value}, and only it does; fix: pass both or neither"
+            )
+        if self.latents is None:
+            return
+        latents = {int(i): float(v) for i, v in self.latents.items()}
+        if not latents or min(latents) < 0 or not all(math.isfinite(v) for v in latents.values()):
+            raise SaealignError("set latents must be non-empty, with indices >= 0 and finite values")
+        object.__setattr__(self, "latents", latents)
 
     @classmethod
     def for_method(
@@ -160,6 +184,7 @@ class SteeringSpec:
             "include_first": self.include_first,
             "has_scores": self.scores is not None,
             "vector_norm": float(self.vector.norm()) if self.vector is not None else None,
+            "latents": dict(self.latents) if self.latents is not None else None,
         }
 
     @property
@@ -176,6 +201,8 @@ class SteeringSpec:
             )
         if self.method == "clamp" and self.clamp_k > d_sae:
             raise SaealignError(f"clamp_k={self.clamp_k} exceeds the SAE's {d_sae} latents")
+        if self.latents is not None and max(self.latents) >= d_sae:
+            raise SAEMismatchError(f"set latent {max(self.latents)} is past the SAE's {d_sae} latents")
 
 
 def check_scores_sae(scores_sae: str | None, sae_in_use: str) -> None:
@@ -189,6 +216,29 @@ def check_scores_sae(scores_sae: str | None, sae_in_use: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # The SAE, seen as pre-activation -> activation -> decode
+
+
+class LatentView(Protocol):
+    """What the steering hook needs of an SAE: γ = pre(x), a = act(γ), x' = decode(a)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def d_sae(self) -> int: ...
+
+    def pre(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def act(self, gamma: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor: ...
+
+
+def latent_view(sae: Any) -> LatentView:
+    """The view of ``sae`` the hook runs: its own ``steering_view()`` when it has one (an SAE with
+    extra slots, e.g. ``ops.alignsae.AlignedSAE``), else :meth:`SAEView.of` (an sae-lens SAE)."""
+    own = getattr(sae, "steering_view", None)
+    return own() if callable(own) else SAEView.of(sae)
 
 
 @dataclass
@@ -339,9 +389,10 @@ class _Group:
     method: str
     rows: torch.Tensor  # [g] long
     scores: torch.Tensor  # [g, 1, d_sae] effective scores (ones where none)
-    clamp_mask: torch.Tensor | None = None  # [g, 1, d_sae] bool
+    clamp_mask: torch.Tensor | None = None  # [g, 1, d_sae] bool (clamp: clamped; set: replaced)
     mult: torch.Tensor | None = None  # [g, 1, 1]
     add: torch.Tensor | None = None  # [g, 1, 1]
+    values: torch.Tensor | None = None  # [g, 1, d_sae] set: the values of the replaced latents
 
 
 @dataclass
@@ -357,7 +408,7 @@ class StepStats:
 class BatchSteerer:
     """Applies per-row specs to one batch of hook activations. One spec broadcasts to any batch."""
 
-    def __init__(self, view: SAEView | None, specs: Sequence[SteeringSpec], device: str | torch.device = "cpu"):
+    def __init__(self, view: LatentView | None, specs: Sequence[SteeringSpec], device: str | torch.device = "cpu"):
         if not specs:
             raise SaealignError("no steering spec given; fix: pass one spec per prompt (or one for all)")
         self.specs = list(specs)
@@ -375,9 +426,14 @@ class BatchSteerer:
             raise SaealignError("these steering specs need an SAE; fix: pass the SAE the scores were computed with")
         for spec in self.specs:
             spec.check_fits(view.d_sae)
+            if spec.method in ("swap", "weight") and not isinstance(view, SAEView):
+                raise SaealignError(
+                    f"method '{spec.method}' needs a plain sae-lens SAE, not one with {view.kind} slots; "
+                    "fix: use orig, sae, clamp or set with this SAE"
+                )
         self._build(view, [self.specs[i] for i in sae_rows], sae_rows)
 
-    def _build(self, view: SAEView, specs: list[SteeringSpec], sae_rows: list[int]) -> None:
+    def _build(self, view: LatentView, specs: list[SteeringSpec], sae_rows: list[int]) -> None:
         dev, d = self.device, view.d_sae
         self.sae_rows = torch.tensor(sae_rows, dtype=torch.long, device=dev)
         self.all_rows = len(sae_rows) == len(self.specs)
@@ -406,6 +462,14 @@ class BatchSteerer:
             group.mult = torch.tensor([s.clamp_factor if s.clamp_mode == "multiply" else 1.0 for s in sel], device=dev)
             group.add = torch.tensor([s.clamp_factor if s.clamp_mode == "add" else 0.0 for s in sel], device=dev)
             group.mult, group.add = group.mult[:, None, None], group.add[:, None, None]
+        if method == "set":
+            group.clamp_mask = torch.zeros(len(idx), 1, d, dtype=torch.bool, device=dev)
+            group.values = torch.zeros(len(idx), 1, d, device=dev)
+            for row, i in enumerate(idx):
+                latents = specs[i].latents or {}
+                where = torch.tensor(list(latents), dtype=torch.long, device=dev)
+                group.clamp_mask[row, 0, where] = True
+                group.values[row, 0, where] = torch.tensor(list(latents.values()), device=dev)
         return group
 
     def check_batch(self, batch: int) -> None:
@@ -429,6 +493,11 @@ class BatchSteerer:
         if g.method == "clamp":
             assert g.clamp_mask is not None and g.mult is not None and g.add is not None
             return clamp_acts(acts, g.clamp_mask, g.mult, g.add)
+        if g.method == "set":
+            assert g.clamp_mask is not None and g.values is not None
+            return torch.where(g.clamp_mask, g.values.to(acts.dtype), acts)
+        if not isinstance(self.view, SAEView):  # checked in __init__
+            raise AssertionError(g.method)
         if g.method == "swap":
             return swap_acts(self.view, gamma, acts, g.scores)
         return weight_acts(self.view, gamma, g.scores)
@@ -500,7 +569,17 @@ class SteeringRecord:
 
 
 # ---------------------------------------------------------------------------------------------
-# Positions
+# Hook names and positions
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def hook_layer(hook_name: str) -> int:
+    """Block index of a TransformerLens hook name such as ``blocks.6.hook_resid_post``."""
+    match = _BLOCK_HOOK.match(hook_name)
+    if not match:
+        raise SaealignError(f"hook '{hook_name}' is not a per-block hook; fix: use e.g. 'blocks.6.hook_resid_post'")
+    return int(match.group(1))
 
 
 def protected_positions(
@@ -593,22 +672,28 @@ def _cached_length(kwargs: dict[str, Any]) -> int:
     return 0
 
 
-_ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("saealign_steering", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[_Session, ...]] = contextvars.ContextVar("saealign_steering", default=())
 _LOCK = threading.Lock()
 _INSTALLED: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[Any], int]] = weakref.WeakKeyDictionary()
 
 
-def _capture_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    session = _ACTIVE.get()
-    if session is not None and session.base is module:
-        session.capture(args, kwargs)
+def _capture_hook(
+    layer: torch.nn.Module, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    for session in _ACTIVE.get():
+        if session.layer is layer and session.base is module:
+            session.capture(args, kwargs)
 
 
 def _steer_hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-    session = _ACTIVE.get()
-    if session is not None and session.layer is module:
-        return session.steer(output)
-    return None
+    """Apply this context's sessions at ``module`` in the order they were entered."""
+    changed = False
+    for session in _ACTIVE.get():
+        if session.layer is module:
+            new = session.steer(output)
+            if new is not None:
+                output, changed = new, True
+    return output if changed else None
 
 
 @contextmanager
@@ -618,7 +703,7 @@ def _dispatchers(base: torch.nn.Module, layer: torch.nn.Module) -> Iterator[None
         handles, count = _INSTALLED.get(layer, ([], 0))
         if count == 0:
             handles = [
-                base.register_forward_pre_hook(_capture_hook, with_kwargs=True),
+                base.register_forward_pre_hook(functools.partial(_capture_hook, layer), with_kwargs=True),
                 layer.register_forward_hook(_steer_hook),
             ]
         _INSTALLED[layer] = (handles, count + 1)
@@ -638,8 +723,6 @@ def _dispatchers(base: torch.nn.Module, layer: torch.nn.Module) -> Iterator[None
 def hf_hook_modules(hf: Any, hook_name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(base model, decoder layer) whose output is ``hook_name`` (``blocks.L.hook_resid_post``, or
     ``blocks.L.hook_resid_pre`` for L ≥ 1)."""
-    from ops.activations import hook_layer
-
     layer = hook_layer(hook_name)
     if hook_name.endswith(".hook_resid_pre") and layer >= 1:
         layer -= 1
@@ -664,10 +747,19 @@ def _as_specs(specs: SteeringSpec | Sequence[SteeringSpec]) -> list[SteeringSpec
 def make_steerer(sae: Any | None, specs: SteeringSpec | Sequence[SteeringSpec], device: Any = None) -> BatchSteerer:
     """A :class:`BatchSteerer` for ``specs`` (one per row, or one for all) on the SAE's device."""
     spec_list = _as_specs(specs)
-    view = SAEView.of(sae) if sae is not None and any(s.needs_sae for s in spec_list) else None
+    view = latent_view(sae) if sae is not None and any(s.needs_sae for s in spec_list) else None
     if device is None:
-        device = sae.W_enc.device if sae is not None else "cpu"
+        device = _device_of(sae) if sae is not None else "cpu"
     return BatchSteerer(view, spec_list, device)
+
+
+def _device_of(sae: Any) -> torch.device:
+    """The device of an SAE's encoder: its own, or that of the sae-lens SAE it wraps."""
+    for obj in (sae, getattr(sae, "sae", None), getattr(sae, "base", None)):
+        weights = getattr(obj, "W_enc", None)
+        if weights is not None:
+            return weights.device
+    return next(iter(sae.parameters())).device
 
 
 @contextmanager
@@ -694,7 +786,7 @@ def steering_hook(
     record = SteeringRecord()
     session = _Session(steerer, record, torch.tensor(list(special_ids), dtype=torch.long), base, layer)
     with _dispatchers(base, layer):
-        token = _ACTIVE.set(session)
+        token = _ACTIVE.set((*_ACTIVE.get(), session))
         try:
             yield record
         finally:
@@ -739,3 +831,17 @@ def tl_steering_hook(
         return new_act
 
     return hook_fn, record
+
+
+@torch.no_grad()
+def hook_activations(tl: Any, tokens: torch.Tensor, attention_mask: torch.Tensor, hook_name: str) -> torch.Tensor:
+    """Activations [batch, seq, d_model] of a ``HookedTransformer`` at ``hook_name``, running only
+    the blocks up to the hook's."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: object) -> None:
+        captured["x"] = act
+
+    with tl.hooks(fwd_hooks=[(hook_name, grab)]):
+        tl(tokens, attention_mask=attention_mask, stop_at_layer=hook_layer(hook_name) + 1)
+    return captured["x"]

@@ -59,8 +59,7 @@ from ops.concept_swap import (
     SwapTrial,
     VanillaConceptSAE,
     concept_means,
-    make_diffmean_editor,
-    make_editor,
+    diffmean_specs,
     plan_swaps,
     run_trials,
     swap_specs,
@@ -70,10 +69,9 @@ from ops.manifest import base_manifest, write_json_atomic
 from ops.models import EMBEDDED_MODEL, LanguageModel, load_model
 from ops.ontology import Ontology, check_concepts, load_ontology, split_ontology
 from ops.saes import check_sae_fits, load_sae
+from ops.steering import SteeringSpec
 from ops.texts import read_many
 from workflows._config import parse_config
-
-Editor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -320,18 +318,20 @@ def _swaps(
     ref = run_trials(model, trials, **run)  # type: ignore[arg-type]
     ppl_ref = geometric_mean([p for p in ref.perplexities if np.isfinite(p)])
     records = [_record(t, "orig", 0.0, ref, i) for i, t in enumerate(trials)]
-    editors: dict[str, Callable[[float], Editor]] = {
-        name: functools.partial(_slot_editor, csae, trials, cfg.swap_keep_error) for name, csae in saes.items()
+    # name -> (the SAE the hook runs, or None; the trials' specs at α)
+    edits: dict[str, tuple[Any, Callable[[float], list[SteeringSpec]]]] = {
+        name: (csae, functools.partial(swap_specs, csae, trials, keep_error=cfg.swap_keep_error))
+        for name, csae in saes.items()
     }
     if cfg.swap_control:
         train = data.acts["train"]
         means = concept_means(train.tokens, train.offsets, data.train.labels)
-        editors["diffmean"] = functools.partial(make_diffmean_editor, means, trials)
+        edits["diffmean"] = (None, functools.partial(diffmean_specs, means, trials))
     rows = []
     for alpha in cfg.swap_alphas:
         row: dict[str, Any] = {"alpha": alpha}
-        for name, editor_at in editors.items():
-            outcome = run_trials(model, trials, hook=hook, editor=editor_at(alpha), **run)  # type: ignore[arg-type]
+        for name, (sae, specs_at) in edits.items():
+            outcome = run_trials(model, trials, hook=hook, sae=sae, specs=specs_at(alpha), **run)  # type: ignore[arg-type]
             row[name] = _swap_row(outcome, trials, ppl_ref)
             records += [_record(t, name, alpha, outcome, i) for i, t in enumerate(trials)]
         log.info("swap α=%s: %s", alpha, row)
@@ -342,13 +342,9 @@ def _swaps(
         "orig_success": swap_success(ref.predicted, [t.target for t in trials]),
         "max_ppl_increase": cfg.max_ppl_increase,
         "by_alpha": rows,
-        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in editors},
+        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in edits},
     }
     return summary, records
-
-
-def _slot_editor(csae: ConceptSAE, trials: list[SwapTrial], keep_error: bool, alpha: float) -> Editor:
-    return make_editor(csae, swap_specs(trials, alpha), keep_error)
 
 
 def _best(rows: list[dict[str, Any]], name: str, max_increase: float) -> dict[str, Any] | None:

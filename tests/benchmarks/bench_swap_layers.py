@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ops.alignsae import collect_text_activations
     from ops.concept_metrics import best_alpha, geometric_mean, swap_success
-    from ops.concept_swap import CentroidClassifier, concept_means, make_diffmean_editor, plan_swaps, run_trials
+    from ops.concept_swap import CentroidClassifier, concept_means, diffmean_specs, plan_swaps, run_trials
     from ops.models import load_model
     from ops.ontology import load_ontology, split_ontology
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         means = concept_means(acts.tokens, acts.offsets, train.labels)
         rows = []
         for alpha in args.alphas:
-            out = run_trials(model, trials, hook=hook, editor=make_diffmean_editor(means, trials, alpha), **run)  # type: ignore[arg-type]
+            out = run_trials(model, trials, hook=hook, specs=diffmean_specs(means, trials, alpha), **run)  # type: ignore[arg-type]
             ppl = geometric_mean([p for p in out.perplexities if np.isfinite(p)]) / ppl_ref
             rows.append((alpha, swap_success(out.predicted, targets), ppl))
             print(f"layer {layer:>2}  α {alpha:<4g} success {rows[-1][1]:>4.0%}  perplexity × {ppl:.2f}", flush=True)

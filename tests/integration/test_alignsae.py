@@ -109,9 +109,9 @@ def test_sae_not_matching_the_model_is_a_clear_error(tmp_path: Path) -> None:
         build(_config(tmp_path / "wrong", tmp_path / "x"))
 
 
-def test_concept_swap_generate_on_the_embedded_model(tiny_base: Path, model: Any, tmp_path: Path) -> None:
+def test_slot_swap_generation_on_the_embedded_model(tiny_base: Path, model: Any, tmp_path: Path) -> None:
     from ops.alignsae import AlignedSAE, init_concept_slots, set_typical
-    from ops.concept_swap import concept_swap_generate
+    from ops.concept_swap import generate_ids, slot_spec
     from ops.saes import load_sae
 
     base = load_sae(str(tiny_base))
@@ -121,7 +121,8 @@ def test_concept_swap_generate_on_the_embedded_model(tiny_base: Path, model: Any
     labels[:20, 0] = labels[20:, 1] = True
     init_concept_slots(aligned, x, labels.numpy())
     set_typical(aligned, x, labels.numpy())
-    out = concept_swap_generate(model, aligned, HOOK, "The match", {"b": 1.0}, ["a"], max_new_tokens=5, seed=0)
-    assert out.prompt == "The match" and 0 < len(out.token_ids) <= 5
+    spec = slot_spec(aligned, {"b": 1.0}, ["a"])
+    out = generate_ids(model, model.tokenize(["The match"]), 5, 0, hook=HOOK, sae=aligned, specs=[spec])[0]
+    assert 0 < len(out) <= 5
     with pytest.raises(SaealignError, match="unknown concept"):
-        concept_swap_generate(model, aligned, HOOK, "The match", {"c": 1.0}, max_new_tokens=2)
+        slot_spec(aligned, {"c": 1.0})

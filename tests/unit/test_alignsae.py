@@ -21,20 +21,18 @@ from ops.alignsae import (
 )
 from ops.concept_metrics import concept_auc
 from ops.concept_swap import (
-    SwapSpec,
     SwapTrial,
     VanillaConceptSAE,
     concept_means,
-    concept_swap_generate,
+    diffmean_specs,
     generate_ids,
-    make_diffmean_editor,
-    make_editor,
     plan_swaps,
-    steering_hook,
+    slot_spec,
 )
 from ops.errors import SaealignError
 from ops.models import LanguageModel
 from ops.ontology import load_ontology, split_ontology
+from ops.steering import SteeringSpec, make_steerer
 
 D_IN, D_SAE = 16, 32
 CONCEPTS = ["fam:a", "fam:b", "other:c"]
@@ -151,43 +149,52 @@ def _aligned_with_typical() -> AlignedSAE:
     return aligned
 
 
-def test_editor_with_error_changes_only_edited_slots() -> None:
+def _steer(sae: object, specs: list[SteeringSpec], x: torch.Tensor) -> torch.Tensor:
+    """``specs`` (one per row of x [n, d], or one for all) applied by the engine, every position steered."""
+    rows = torch.ones(x.shape[0], 1, dtype=torch.bool)
+    out, _ = make_steerer(sae, specs).apply(x[:, None, :], rows, ~rows)
+    return out[:, 0]
+
+
+def test_slot_edit_with_error_changes_only_edited_slots() -> None:
     aligned = _aligned_with_typical()
     x = torch.randn(5, D_IN)
-    edit = make_editor(aligned, [SwapSpec({"fam:b": 2.0}, ("fam:a",))], keep_error=True)
-    out = edit(x, torch.zeros(5, dtype=torch.long))
+    out = _steer(aligned, [slot_spec(aligned, {"fam:b": 2.0}, ("fam:a",), keep_error=True)], x)
     a = torch.relu(aligned.concept_pre(x))
     expected = x - a[:, :1] * aligned.W_dec_c[0] + (2.0 * aligned.typical[1] - a[:, 1:2]) * aligned.W_dec_c[1]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
-    plain = make_editor(aligned, [SwapSpec({"fam:b": 2.0}, ("fam:a",))], keep_error=False)(
-        x, torch.zeros(5, dtype=torch.long)
-    )
+    plain = _steer(aligned, [slot_spec(aligned, {"fam:b": 2.0}, ("fam:a",), keep_error=False)], x)
     acts = aligned.encode(x)
     acts[:, 32], acts[:, 33] = 0.0, 2.0 * aligned.typical[1]
     torch.testing.assert_close(plain, aligned.decode(acts))
 
 
-def test_editor_applies_each_rows_spec() -> None:
+def test_slot_edits_apply_each_rows_spec() -> None:
     aligned = _aligned_with_typical()
-    specs = [SwapSpec(), SwapSpec({"other:c": 1.0})]
-    edit = make_editor(aligned, specs)
+    specs = [SteeringSpec("orig")] * 2 + [slot_spec(aligned, {"other:c": 1.0})] * 2
     x = torch.randn(4, D_IN)
-    out = edit(x, torch.tensor([0, 0, 1, 1]))
-    torch.testing.assert_close(out[:2], x[:2], rtol=1e-5, atol=1e-5)
+    out = _steer(aligned, specs, x)
+    torch.testing.assert_close(out[:2], x[:2])
     assert not torch.allclose(out[2:], x[2:])
 
 
 def test_unknown_concept_in_swap_is_an_error() -> None:
     aligned = _aligned_with_typical()
     with pytest.raises(SaealignError, match=r"unknown concept.*nope"):
-        make_editor(aligned, [SwapSpec({"nope": 1.0})])
+        slot_spec(aligned, {"nope": 1.0})
+
+
+def test_swap_on_aligned_slots_is_a_clear_error() -> None:
+    aligned = _aligned_with_typical()
+    with pytest.raises(SaealignError, match="plain sae-lens SAE"):
+        make_steerer(aligned, [SteeringSpec("swap", scores=torch.ones(D_SAE + len(CONCEPTS)))])
 
 
 def test_vanilla_concept_sae_uses_chosen_latents() -> None:
     sae = tiny_sae()
     vanilla = VanillaConceptSAE(sae, {"fam:a": 3, "fam:b": 5}, {"fam:a": 1.0, "fam:b": 2.0})
     x = torch.randn(3, D_IN)
-    out = make_editor(vanilla, [SwapSpec({"fam:b": 1.0}, ("fam:a",))])(x, torch.zeros(3, dtype=torch.long))
+    out = _steer(vanilla, [slot_spec(vanilla, {"fam:b": 1.0}, ("fam:a",))], x)
     acts = sae.encode(x)
     delta = (2.0 - acts[:, 5:6]) * sae.W_dec[5] - acts[:, 3:4] * sae.W_dec[3]
     torch.testing.assert_close(out, x + delta, rtol=1e-4, atol=1e-4)
@@ -213,18 +220,17 @@ def test_concept_means_weight_every_token() -> None:
         concept_means(tokens, offsets, ["fam:a"])
 
 
-def test_diffmean_editor_moves_each_row_from_source_to_target_mean() -> None:
+def test_diffmean_specs_move_each_row_from_source_to_target_mean() -> None:
     means = {"fam:a": torch.tensor([1.0, 0.0]), "fam:b": torch.tensor([0.0, 1.0])}
     trials = [
         SwapTrial("p", "fam:a", "fam:b", ("fam:a", "fam:b")),
         SwapTrial("q", "fam:b", "fam:a", ("fam:a", "fam:b")),
     ]
-    edit = make_diffmean_editor(means, trials, alpha=2.0)
-    x = torch.zeros(3, 2)
-    out = edit(x, torch.tensor([0, 1, 0]))
+    specs = diffmean_specs(means, trials, alpha=2.0)
+    out = _steer(None, [specs[0], specs[1], specs[0]], torch.zeros(3, 2))
     torch.testing.assert_close(out, torch.tensor([[-2.0, 2.0], [2.0, -2.0], [-2.0, 2.0]]))
     with pytest.raises(SaealignError, match="fam:c"):
-        make_diffmean_editor(means, [SwapTrial("r", "fam:a", "fam:c", ("fam:a", "fam:c"))], 1.0)
+        diffmean_specs(means, [SwapTrial("r", "fam:a", "fam:c", ("fam:a", "fam:c"))], 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,43 +275,25 @@ def test_left_padded_batch_matches_single_prompts() -> None:
         assert batch == singles
 
 
-def test_hook_edits_counted_positions_only_and_is_removed() -> None:
+def test_identity_edit_changes_nothing_and_the_hook_is_removed() -> None:
     model = tiny_lm()
-    seen: list[int] = []
-
-    def edit(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        seen.append(len(x))
-        return x
-
-    # prompt [BOS, 5, 6, 7]: BOS excluded (first position and special) -> 3 counted, then 1 per new token
     plain = generate_ids(model, [[1, 5, 6, 7]], max_new_tokens=3, seed=None)
-    steered = generate_ids(
-        model, [[1, 5, 6, 7]], max_new_tokens=3, seed=None, hook_name="blocks.1.hook_resid_post", edit=edit
-    )
-    assert steered == plain  # identity edit changes nothing
-    assert seen[0] == 3 and all(n == 1 for n in seen[1:]) and len(seen) == len(plain[0])
+    zero = [SteeringSpec("orig", vector=torch.zeros(D_IN))]
+    steered = generate_ids(model, [[1, 5, 6, 7]], 3, None, hook="blocks.1.hook_resid_post", specs=zero)
+    assert steered == plain
     assert not model.hf.model.layers[1]._forward_hooks
 
 
-def test_concept_swap_generate_changes_output_and_checks_concepts() -> None:
+def test_slot_swap_in_generation_changes_output() -> None:
     model = tiny_lm()
     aligned = _aligned_with_typical()
     with torch.no_grad():
         aligned.W_dec_c.mul_(50.0)  # a strong concept direction
-    kw = dict(model=model, aligned_sae=aligned, hook="blocks.0.hook_resid_post", max_new_tokens=8, seed=None)
-    plain = concept_swap_generate(prompt="hello", set_concepts={}, **kw)  # type: ignore[arg-type]
-    swapped = concept_swap_generate(prompt="hello", set_concepts={"fam:b": 20.0}, zero_concepts=["fam:a"], **kw)  # type: ignore[arg-type]
-    assert plain.token_ids != swapped.token_ids
-    with pytest.raises(SaealignError, match="unknown concept"):
-        concept_swap_generate(prompt="x", set_concepts={"sports": 1.0}, **kw)  # type: ignore[arg-type]
-
-
-def test_steering_hook_rejects_unsupported_hook() -> None:
-    with (
-        pytest.raises(SaealignError, match="hook_resid_post"),
-        steering_hook(tiny_lm(), "blocks.0.attn.hook_z", lambda x, r: x),
-    ):
-        pass
+    hook = "blocks.0.hook_resid_post"
+    plain = generate_ids(model, [[1, 5, 6]], 8, None)
+    spec = slot_spec(aligned, {"fam:b": 20.0}, ["fam:a"])
+    swapped = generate_ids(model, [[1, 5, 6]], 8, None, hook=hook, sae=aligned, specs=[spec])
+    assert plain != swapped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,15 +341,6 @@ def test_select_unknown_concept_is_an_error() -> None:
     with pytest.raises(SaealignError, match=r"unknown concept.*topic:cars"):
         onto.select(["topic:cars"])
     assert onto.select(["topic:sports", "tense:past"]).counts() == {"tense:past": 75, "topic:sports": 75}
-
-
-def test_parse_concept_settings() -> None:
-    from ops.concept_swap import parse_concept_settings
-
-    assert parse_concept_settings(["topic:sports=2", "a=0.5"]) == {"topic:sports": 2.0, "a": 0.5}
-    for bad in ("topic:sports", "=2", "a=x"):
-        with pytest.raises(SaealignError, match="bad concept setting"):
-            parse_concept_settings([bad])
 
 
 def test_decorrelation_term_is_optional() -> None:

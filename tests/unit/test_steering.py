@@ -3,6 +3,7 @@ sae-lens SAEs built from config. No network."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any
@@ -463,6 +464,67 @@ def test_concurrent_generations_do_not_leak(model: LanguageModel, sae: Any, scor
     assert got[0] == [expected[0]] * 3
     assert got[1] == [expected[1]] * 3
     assert not model.hf.model.layers[LAYER]._forward_hooks
+
+
+def _every_edit_kind(scores: torch.Tensor) -> list[SteeringSpec]:
+    """One spec of every edit the engine applies: SAE methods, keep_error, a vector, a slot set."""
+    vector = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(9))
+    return [
+        *_specs(scores),
+        SteeringSpec("orig"),
+        SteeringSpec("orig", vector=vector),  # DiffMean-style activation addition
+        SteeringSpec("swap", scores, vector=vector * 0.5),
+        SteeringSpec("set", latents={3: 4.0, 5: 0.0}, keep_error=True),  # a concept-slot edit
+    ]
+
+
+def test_every_edit_kind_concurrently_equals_its_solo_run(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
+    params = SamplingParams(max_new_tokens=6, greedy=True, stop_at_eos=False)
+    specs = _every_edit_kind(scores)
+    solo = [generate(model, sae, ["the heart"], s, params=params)[0].token_ids for s in specs]
+    assert len({tuple(t) for t in solo}) > len(specs) // 2  # the edits differ from one another
+    got: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(specs))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        got[i] = generate(model, sae, ["the heart"], specs[i], params=params)[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(specs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(specs))] == solo
+    batched = generate(model, sae, ["the heart"] * len(specs), specs, params=params)
+    assert [r.token_ids for r in batched] == solo  # and in one batch, one spec per row
+    assert not model.hf.model.layers[LAYER]._forward_hooks
+
+
+def test_sessions_compose_at_one_layer_and_across_layers(model: LanguageModel) -> None:
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    v1, v2 = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(4))
+
+    def logits(*edits: tuple[str, torch.Tensor]) -> torch.Tensor:
+        with contextlib.ExitStack() as stack:
+            for hook, v in edits:
+                stack.enter_context(steering_hook(model.hf, None, hook, SteeringSpec("orig", vector=v)))
+            return model.hf(ids).logits
+
+    torch.testing.assert_close(logits((HOOK, v1), (HOOK, v2)), logits((HOOK, v1 + v2)), rtol=1e-5, atol=1e-5)
+    two_layers = logits(("blocks.0.hook_resid_post", v1), (HOOK, v2))
+    assert not torch.allclose(two_layers, logits((HOOK, v2)))
+    assert not torch.allclose(two_layers, logits(("blocks.0.hook_resid_post", v1)))
+    assert not model.hf.model.layers[0]._forward_hooks and not model.hf.model.layers[LAYER]._forward_hooks
+
+
+def test_set_latents_must_fit_the_sae(sae: Any) -> None:
+    with pytest.raises(SAEMismatchError, match="past the SAE"):
+        BatchSteerer(SAEView.of(sae), [SteeringSpec("set", latents={D_SAE: 1.0})])
+    with pytest.raises(SaealignError, match="latents"):
+        SteeringSpec("set")
+    with pytest.raises(SaealignError, match="latents"):
+        SteeringSpec("sae", latents={1: 1.0})
 
 
 def test_orig_only_batch_never_encodes() -> None:
