@@ -136,7 +136,7 @@ def test_cluster_launcher_config_matches_rays_schema() -> None:
     spec = importlib.util.find_spec("ray")  # locates the package without importing (starting) Ray
     assert spec is not None and spec.submodule_search_locations
     schema_path = Path(next(iter(spec.submodule_search_locations))) / "autoscaler" / "ray-schema.json"
-    config = _load("ray-cluster.yaml")
+    config = _load("aws-launcher.yaml")
     jsonschema.validate(config, json.loads(schema_path.read_text()))
     assert config["provider"]["type"] == "aws"
     head, types = config["head_node_type"], config["available_node_types"]
