@@ -12,8 +12,12 @@ def _flat(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [v for r in rows for v in r[key] if v is not None]
 
 
-def _goals_html(report: dict[str, Any]) -> str:
-    goals = report["goals"]
+def _opt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _summary_html(report: dict[str, Any]) -> str:
+    vs = report["swap_vs_orig"]
     rec = report["recommendation"]
     if rec["method"] is None:
         lines = [f"<p><b>Recommended default:</b> none — {html.escape(rec['reason'])}.</p>"]
@@ -22,18 +26,15 @@ def _goals_html(report: dict[str, Any]) -> str:
             f"<p><b>Recommended default:</b> {html.escape(rec['method'])} — {html.escape(rec['reason'])} "
             f"(distance {rec['distance']:.4f}, perplexity {rec['perplexity_ratio']:.2f}× orig).</p>"
         ]
-    if goals:
+    if vs:
         lines.append("<ul>")
         lines.append(
-            f"<li>Swap closer to the topic than orig on {goals['swap_closer_than_orig_share']:.0%} of "
-            f"prompts (goal ≥ 70 %: {'met' if goals['swap_closer_goal_met'] else 'NOT met'}).</li>"
+            f"<li>Swap closer to the topic than orig on {vs['swap_closer_than_orig_share']:.0%} of prompts.</li>"
         )
+        lines.append(f"<li>Swap median perplexity {vs['swap_perplexity_ratio']:.2f}× orig.</li>")
         lines.append(
-            f"<li>Swap median perplexity {goals['swap_perplexity_ratio']:.2f}× orig (goal ≤ 1.5×: "
-            f"{'met' if goals['swap_perplexity_goal_met'] else 'NOT met'}).</li>"
-        )
-        lines.append(
-            f"<li>Swap contamination below Clamp's: {'yes' if goals['swap_contamination_below_clamp'] else 'NO'}.</li>"
+            f"<li>Mean contamination: Swap {_opt(vs['swap_contamination'])}, "
+            f"Clamp {_opt(vs['clamp_contamination'])}.</li>"
         )
         lines.append("</ul>")
     lines.append(
@@ -85,7 +86,7 @@ def render(report: dict[str, Any]) -> str:
     step = f"per token: one decode step of a batch of {costs['per_token_batch']} rows"
     cost_rows += [{"stage": f"{step} ({k})", "seconds": v} for k, v in costs["per_token"].items()]
     sections = [
-        ("Summary", _goals_html(report)),
+        ("Summary", _summary_html(report)),
         ("Methods", R.html_table(summary, cols, "summary")),
         ("Topic distance vs perplexity", R.img(R.tradeoff_figure(summary), "trade-off")),
         ("Examples", _examples(report)),

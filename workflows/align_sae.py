@@ -1,4 +1,4 @@
-"""``saealign align-sae``: AlignSAE post-training (spec §6) and its report, vanilla vs aligned.
+"""``saealign align-sae``: AlignSAE post-training (docs/algorithms.md §6) and its report, vanilla vs aligned.
 
 Steps: read and split the ontology (stratified, seeded), run the model once to the SAE's hook
 over the ontology texts and some generic text (pooled vectors + per-token activations), pick
@@ -366,18 +366,14 @@ def _record(trial: SwapTrial, sae: str, alpha: float, outcome: SwapOutcome, i: i
     }
 
 
-def _goals(report: dict[str, Any]) -> dict[str, bool]:
+def _vs_vanilla(report: dict[str, Any]) -> dict[str, float]:
+    """AlignSAE beside the vanilla baseline, measured: AUC gain, MSE and entanglement ratios."""
     van, ali = report["vanilla"], report["aligned"]
-    goals = {
-        "auc >= 0.90 and >= vanilla + 0.15": ali["auc_mean"] >= 0.90 and ali["auc_mean"] >= van["auc_mean"] + 0.15,
-        "mse <= 1.2 x vanilla": ali["mse"] <= 1.2 * van["mse"],
-        "entanglement <= 0.5 x vanilla": ali["entanglement"] <= 0.5 * van["entanglement"],
+    return {
+        "auc_gain": ali["auc_mean"] - van["auc_mean"],
+        "mse_ratio": ali["mse"] / van["mse"] if van["mse"] else float("nan"),
+        "entanglement_ratio": ali["entanglement"] / van["entanglement"] if van["entanglement"] else float("nan"),
     }
-    swap = report.get("swap", {})
-    if swap.get("by_alpha"):
-        best = swap["best"]["aligned"]
-        goals["swap success >= 70 % (ppl +<= 30 %)"] = best is not None and best["success"] >= 0.70
-    return goals
 
 
 def build(cfg: AlignSAEConfig) -> dict[str, Any]:
@@ -420,7 +416,7 @@ def build(cfg: AlignSAEConfig) -> dict[str, Any]:
         loss_last=history[-1],
         timings=timings,
     )
-    report["goals"] = _goals(report)
+    report["vs_vanilla"] = _vs_vanilla(report)
     _write(cfg, out, report, records, hook, device)
     return report
 
@@ -481,7 +477,7 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"DiffMean control (no SAE) at its best α within the bound: {cell}")
     lines += ["", "per-concept AUC (vanilla -> AlignSAE):"]
     lines += [f"  {c:<28}{van['auc'][c]:.3f} -> {ali['auc'][c]:.3f}" for c in report["concepts"]]
-    lines += ["", "goals:"] + [f"  [{'x' if ok else ' '}] {name}" for name, ok in report["goals"].items()]
+    lines += ["", "AlignSAE vs vanilla:"] + [f"  {name}: {value:+.3f}" for name, value in report["vs_vanilla"].items()]
     return "\n".join(lines)
 
 

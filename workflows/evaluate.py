@@ -2,7 +2,7 @@
 
 One topic (``--topic``): generate ``max_new_tokens`` tokens (top-k sampling, fixed seeds) per
 prompt under orig, sae, clamp, swap, weight (each with keep_error off and on), the prompting
-baseline and a DiffMean steering vector; measure spec §4's metrics; add the cost table, coverage
+baseline and a DiffMean steering vector; measure docs/algorithms.md §4's metrics; add the cost table, coverage
 (Fig. 3), the top-k check (Fig. 4) and the histograms of latents changed and contamination
 (Figs. 5–6); recommend a default setting from the numbers.
 
@@ -230,7 +230,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
         "prompts": prompts,
         "summary": summaries,
         "recommendation": recommend(summaries),
-        "goals": _goals(summaries, evaluated, len(prompts)),
+        "swap_vs_orig": _swap_vs_orig(summaries, evaluated, len(prompts)),
         "costs": {
             "set_up": json.loads(cfg.setup_costs) if cfg.setup_costs else {"lake_wall_s": manifest.get("wall_s")},
             "per_topic": _per_topic_cost(lake, key, align, embedder),
@@ -276,21 +276,20 @@ def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
     return report
 
 
-def _goals(summaries: list[dict[str, Any]], evaluated: list[Evaluated], n_prompts: int) -> dict[str, Any]:
-    """Issue goals, stated plainly: swap closer than orig per prompt, perplexity, contamination."""
+def _swap_vs_orig(summaries: list[dict[str, Any]], evaluated: list[Evaluated], n_prompts: int) -> dict[str, Any]:
+    """Swap beside orig and Clamp, measured (no thresholds): the share of prompts on which Swap's
+    continuations are closer to the topic than orig's, its median perplexity over orig's, and the
+    mean contamination of Swap and Clamp."""
     by = {s["method"]: s for s in summaries}
     ev = {e.label: e for e in evaluated}
     if "swap" not in ev or "clamp" not in by:
         return {}
     per_prompt = lambda e: e.column("distance").reshape(-1, n_prompts).mean(0)  # noqa: E731
-    closer = float((per_prompt(ev["swap"]) < per_prompt(ev["orig"])).mean())
-    ppl_ratio = by["swap"]["median_perplexity"] / by["orig"]["median_perplexity"]
     return {
-        "swap_closer_than_orig_share": closer,
-        "swap_closer_goal_met": closer >= 0.7,
-        "swap_perplexity_ratio": ppl_ratio,
-        "swap_perplexity_goal_met": ppl_ratio <= 1.5,
-        "swap_contamination_below_clamp": (by["swap"]["contamination"] or 1) < (by["clamp"]["contamination"] or 0),
+        "swap_closer_than_orig_share": float((per_prompt(ev["swap"]) < per_prompt(ev["orig"])).mean()),
+        "swap_perplexity_ratio": by["swap"]["median_perplexity"] / by["orig"]["median_perplexity"],
+        "swap_contamination": by["swap"]["contamination"],
+        "clamp_contamination": by["clamp"]["contamination"],
     }
 
 
@@ -318,7 +317,7 @@ def print_summary(report: dict[str, Any]) -> None:
         print("  ".join(f"{v:>17.4g}" if isinstance(v, float) else f"{v!s:>17}" for v in cells))
     rec = report["recommendation"]
     print(f"recommended: {rec['method'] or 'none'} ({rec['reason']})")
-    for key, value in report["goals"].items():
+    for key, value in report["swap_vs_orig"].items():
         print(f"  {key}: {value}")
 
 
