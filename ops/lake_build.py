@@ -40,22 +40,12 @@ class PreparedPool:
         ids = self.table.column("prompt_id").to_numpy()
         return hashlib.blake2b(ids.tobytes(), digest_size=16).hexdigest()
 
-    def shards(self, shard_size: int, order: str = "length") -> list[tuple[int, pa.Table]]:
-        """Numbered shards of ``shard_size`` prompts.
-
-        ``order="length"`` (default) cuts them from the pool ordered by character length, then
-        prompt_id, so a shard's LM batches carry little padding: with shards cut in source order,
-        128 prompts of mixed lengths ran the LM at 0.64x the tokens/s of a pool-wide length sort
-        (1,024 real pool prompts, 2-core CPU). The order depends only on the texts, so shard
-        numbers are stable across re-runs. ``order="source"`` (the layout of lakes started before
-        length order) cuts them in source order."""
-        if order == "length":
-            keys = pa.table({"n": pc.utf8_length(self.table.column("text")), "id": self.table.column("prompt_id")})
-            table = self.table.take(pc.sort_indices(keys, sort_keys=[("n", "ascending"), ("id", "ascending")]))
-        elif order == "source":
-            table = self.table
-        else:
-            raise SaealignError(f"unknown shard order '{order}'; fix: use 'length' or 'source'")
+    def shards(self, shard_size: int) -> list[tuple[int, pa.Table]]:
+        """Numbered shards of ``shard_size`` prompts, cut from the pool ordered by character
+        length, then prompt_id, so a shard's LM batches carry little padding. The order depends
+        only on the texts, so shard numbers are stable across re-runs."""
+        keys = pa.table({"n": pc.utf8_length(self.table.column("text")), "id": self.table.column("prompt_id")})
+        table = self.table.take(pc.sort_indices(keys, sort_keys=[("n", "ascending"), ("id", "ascending")]))
         return [(i, table.slice(s, shard_size)) for i, s in enumerate(range(0, table.num_rows, shard_size))]
 
 

@@ -55,7 +55,7 @@ class BuildLakeConfig:
     hook: str = ""
     """Hook point; empty = the hook recorded in the SAE."""
     summary: Literal["avg", "max", "count"] = "avg"
-    """Prompt-level summary of token activations (spec §1)."""
+    """Prompt-level summary of token activations (docs/algorithms.md §1)."""
     embedder: str = EMBEDDED_EMBEDDER
     """Sentence embedder for prompt embeddings."""
     embed_precision: Precision = "auto"
@@ -195,47 +195,32 @@ class ShardEmbeddings:
         return {"shard": [shard], "prompts": [table.num_rows]}
 
 
-SHARD_ORDER = "length"
-"""How new datasets cut prompts into shards (``PreparedPool.shards``). The progress record keeps
-the order a dataset was started with; records without one are from before length order
-("source"), so such a dataset resumes in its own layout instead of a mix of both."""
-
-
-@dataclass(frozen=True)
-class Resume:
-    """What a dataset keeps from the run that started it."""
-
-    shard_order: str
-    embed_precision: Precision
-
-
-def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> Resume:
-    """Refuse to mix two pools in one dataset (the shard numbering would not agree); returns the
-    shard order and embedding precision to use, those of the run that started the dataset.
-    Records from before either setting existed resume as source order and fp32."""
+def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> Precision:
+    """Refuse to mix two pools or layouts in one dataset (the shard numbering would not agree);
+    returns the embedding precision to use, that of the run that started the dataset."""
     path = lake.path("manifests", f".{key.name}.progress.json")
-    layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size}
-    state = Resume(SHARD_ORDER, resolve_precision(cfg.embed_precision))
+    layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size, "shard_order": "length"}
+    precision = resolve_precision(cfg.embed_precision)
     if lake.exists(path) and not cfg.overwrite:
         found = lake.read_json(path)
         if {k: found.get(k) for k in layout} != layout:
             raise SaealignError(
-                f"dataset {key.name} in {lake.uri} was started from another pool or shard size; "
+                f"dataset {key.name} in {lake.uri} was started from another pool, shard size or shard layout; "
                 "fix: pass --overwrite to rebuild it, or use another --lake"
             )
-        state = Resume(found.get("shard_order", "source"), resolve_precision(found.get("embed_precision", "fp32")))
-        if cfg.embed_precision not in ("auto", state.embed_precision):
+        precision = resolve_precision(found.get("embed_precision", "fp32"))
+        if cfg.embed_precision not in ("auto", precision):
             log.warning(
                 "dataset %s was started with %s embeddings and resumes with them, not --embed-precision %s",
                 key.name,
-                state.embed_precision,
+                precision,
                 cfg.embed_precision,
             )
     if cfg.overwrite:
         for table in ("prompts", "embeddings", "activations", "latent_stats"):
             lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
-    lake.write_json(path, {**layout, **asdict(state)})
-    return state
+    lake.write_json(path, {**layout, "embed_precision": precision})
+    return precision
 
 
 def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
@@ -329,9 +314,8 @@ def build(cfg: BuildLakeConfig) -> dict[str, Any]:
     pool = prepare_pool(read_many(list(cfg.pool), cfg.text_column))
     key = _dataset_key(cfg)
     lake = Lake(cfg.lake)
-    state = _check_progress(lake, key, pool, cfg)
-    cfg = replace(cfg, embed_precision=state.embed_precision)
-    shards = pool.shards(cfg.shard_size, state.shard_order)
+    cfg = replace(cfg, embed_precision=_check_progress(lake, key, pool, cfg))
+    shards = pool.shards(cfg.shard_size)
     pending = {i for i, _ in shards if not lake.shard_done(key, i)}
     log.info("%d prompts in %d shards, %d to do", pool.table.num_rows, len(shards), len(pending))
     if not pending and lake.exists(lake.manifest_path(key)):

@@ -71,34 +71,29 @@ def test_bad_summary_kind() -> None:
         DatasetKey("m", "s", "h", "median")
 
 
-def test_a_dataset_resumes_in_the_shard_layout_it_was_started_with(tmp_path: Path) -> None:
-    from workflows.build_lake import SHARD_ORDER, BuildLakeConfig, _check_progress
+def test_a_dataset_resumes_as_it_was_started(tmp_path: Path) -> None:
+    from workflows.build_lake import BuildLakeConfig, _check_progress
 
     lake = Lake(str(tmp_path))
     pool = prepare_pool([TextTable("src", pa.table({"text": ["ccc", "a", "bb"]}))])
     cfg = BuildLakeConfig(lake=str(tmp_path), shard_size=2, embed_precision="bf16")
-    assert _check_progress(lake, KEY, pool, cfg).shard_order == SHARD_ORDER == "length"
+    assert _check_progress(lake, KEY, pool, cfg) == "bf16"
     fp32 = BuildLakeConfig(lake=str(tmp_path), shard_size=2, embed_precision="fp32")
-    resumed = _check_progress(lake, KEY, pool, fp32)  # the same pool and layout resume as started
-    assert (resumed.shard_order, resumed.embed_precision) == ("length", "bf16")
-    progress = lake.path("manifests", f".{KEY.name}.progress.json")
-    record = lake.read_json(progress)
-    lake.write_json(progress, {k: record[k] for k in ("fingerprint", "shard_size")})  # started before both settings
-    resumed = _check_progress(lake, KEY, pool, cfg)
-    assert (resumed.shard_order, resumed.embed_precision) == ("source", "fp32")
-    assert [t.column("text").to_pylist() for _, t in pool.shards(2, "source")] == [["ccc", "a"], ["bb"]]
-    assert [t.column("text").to_pylist() for _, t in pool.shards(2, "length")] == [["a", "bb"], ["ccc"]]
+    assert _check_progress(lake, KEY, pool, fp32) == "bf16"  # the same pool and layout resume as started
+    assert [t.column("text").to_pylist() for _, t in pool.shards(2)] == [["a", "bb"], ["ccc"]]
     shard = lake.shard_path("activations", KEY, 0)
     lake.write_table(shard, pa.table({"prompt_id": [1], "latent": [2], "value": [1.0]}), ACTIVATIONS)
     other = prepare_pool([TextTable("src", pa.table({"text": ["dddd"]}))])
-    with pytest.raises(SaealignError, match="another pool or shard size; fix: pass --overwrite"):
+    with pytest.raises(SaealignError, match="another pool, shard size or shard layout; fix: pass --overwrite"):
         _check_progress(lake, KEY, other, cfg)
+    progress = lake.path("manifests", f".{KEY.name}.progress.json")
+    record = lake.read_json(progress)
+    lake.write_json(progress, {k: record[k] for k in ("fingerprint", "shard_size")})  # an older layout
+    with pytest.raises(SaealignError, match="shard layout"):
+        _check_progress(lake, KEY, pool, cfg)
     assert lake.exists(shard)  # refused without touching what was written
-    rebuilt = _check_progress(lake, KEY, other, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True))
-    assert rebuilt.shard_order == "length"
+    _check_progress(lake, KEY, other, BuildLakeConfig(lake=str(tmp_path), shard_size=2, overwrite=True))
     assert not lake.exists(shard)
-    with pytest.raises(SaealignError, match="unknown shard order"):
-        pool.shards(2, "random")
 
 
 def test_auto_layout_fills_the_cluster_and_explicit_values_stay() -> None:
