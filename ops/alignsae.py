@@ -1,6 +1,6 @@
-"""AlignSAE post-training (spec §6): one dedicated latent slot per concept.
+"""AlignSAE post-training (docs/algorithms.md §6): one dedicated latent slot per concept.
 
-Design (the choices the spec leaves open):
+Design (the choices docs/algorithms.md §6 leaves open):
 
 * **Appended slots.** The pre-trained sae-lens SAE is kept whole as the *free* path (its own
   ``encode``/``decode``: TopK, ReLU or JumpReLU exactly as sae-lens computes them) and one new

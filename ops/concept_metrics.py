@@ -1,4 +1,4 @@
-"""AlignSAE metrics (spec §6): concept alignment AUC, vanilla best-latent baseline,
+"""AlignSAE metrics (docs/algorithms.md §6): concept alignment AUC, vanilla best-latent baseline,
 reconstruction MSE / explained variance, entanglement index, concept-swap success.
 
 Conventions:

@@ -1,4 +1,4 @@
-"""Concept swaps (spec §6): edit concept slots at the hook, let the LM continue, judge the result.
+"""Concept swaps (docs/algorithms.md §6): edit concept slots at the hook, let the LM continue, judge the result.
 
 For a text of concept A: zero slot A, set slot B to α × B's typical activation (its mean on B's
 training texts), decode, and write the result back at the hook. The edit is a ``set`` spec of

@@ -1,4 +1,4 @@
-"""Generated-output evaluation (spec §4): methods side by side on the same prompts and seeds.
+"""Generated-output evaluation (docs/algorithms.md §4): methods side by side on the same prompts and seeds.
 
 Per generation: perplexity of the continuation under the unsteered model, distance from P_align
 (min Euclidean distance of the continuation's embedding to the align texts' embeddings, lower =

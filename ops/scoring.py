@@ -1,4 +1,4 @@
-"""Topic scores for every SAE latent (spec §2): distances, the DuckDB query, storage, loading.
+"""Topic scores for every SAE latent (docs/algorithms.md §2): distances, the DuckDB query, storage, loading.
 
 Steps for one topic: embed P_align with the embedder recorded in the lake's embeddings; compute
 each reference prompt's minimum distance to P_align (NumPy, in blocks); join the distances with
@@ -211,7 +211,7 @@ def score_latents(
     min_support: int = 20,
     conn: duckdb.DuckDBPyConnection | None = None,
 ) -> pa.Table:
-    """(latent, g, support, score) per latent that fires in the dataset (spec §2), from one
+    """(latent, g, support, score) per latent that fires in the dataset (docs/algorithms.md §2), from one
     DuckDB query joining ``distances`` (prompt_id, d) with the dataset's activation files.
     ``conn`` may carry settings (threads, memory_limit, temp_directory); default: in-memory. The
     query reads the registered Arrow view ``distances`` (replaced on ``conn`` for the call)."""

@@ -1,4 +1,4 @@
-"""Request-scoped steering at one hook: ``orig``, ``sae``, ``clamp``, ``swap``, ``weight`` (spec §3).
+"""Request-scoped steering at one hook: ``orig``, ``sae``, ``clamp``, ``swap``, ``weight`` (docs/algorithms.md §3).
 
 A :class:`SteeringSpec` says what one request wants (method, topic scores, options). For one
 forward or one generate call it becomes a hook, installed by the :func:`steering_hook` context
@@ -106,7 +106,7 @@ class SteeringSpec:
     keep_error: bool = False
     """Add back the SAE error x − decode(a) (any method but orig)."""
     include_first: bool = False
-    """Steer the first position and special tokens too (default: left untouched, spec §3)."""
+    """Steer the first position and special tokens too (default: left untouched, docs/algorithms.md §3)."""
     vector: torch.Tensor | None = None
     """A steering vector [d_model] added at every steered position after the method's edit."""
     latents: Mapping[int, float] | None = None
@@ -315,7 +315,7 @@ def clamp_acts(acts: torch.Tensor, clamp_mask: torch.Tensor, mult: torch.Tensor,
 
 
 def swap_acts(view: SAEView, gamma: torch.Tensor, acts: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """Swap (spec §3, paper eq. 3): re-select latents on γ ⊙ s, keep the original relu(γ) values."""
+    """Swap (docs/algorithms.md §3, paper eq. 3): re-select latents on γ ⊙ s, keep the original relu(γ) values."""
     weighted = gamma * scores
     if view.kind == "topk":
         values, idx = torch.topk(weighted, view.k, dim=-1, sorted=False)

@@ -1,4 +1,4 @@
-"""Prompt-level summaries of SAE activations (spec §1) and their sparse long form.
+"""Prompt-level summaries of SAE activations (docs/algorithms.md §1) and their sparse long form.
 
 For prompt p with counted tokens t (no first position, no special tokens):
 

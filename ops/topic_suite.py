@@ -19,7 +19,7 @@ Fluency is judged by one perplexity judge (:mod:`ops.judges`): by default a seco
 steered model's own unsteered twin, which favours doing nothing. It scores the first
 ``judge_tokens`` tokens of every dev row and of the first seed's test rows.
 
-A prompt's value is its mean over seeds. Distance is spec §4's: the minimum Euclidean distance of
+A prompt's value is its mean over seeds. Distance is docs/algorithms.md §4's: the minimum Euclidean distance of
 the continuation's embedding to the topic's align texts (lower = more on topic). Rows of every
 setting, topic, prompt and seed share decode batches (a row's tokens do not depend on its batch).
 """

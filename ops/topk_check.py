@@ -1,4 +1,4 @@
-"""The scoring check of paper A Fig. 4 (spec §4): for k = 1…K, the share of tokens of aligned
+"""The scoring check of paper A Fig. 4 (docs/algorithms.md §4): for k = 1…K, the share of tokens of aligned
 text vs unaligned text on which at least one of the top-k scored latents fires.
 
 :func:`topk_check` is pure: it takes per-token sets of firing latents (arrays of latent

@@ -1,4 +1,4 @@
-"""``saealign score``: score every SAE latent of a lake dataset for a topic (spec §2).
+"""``saealign score``: score every SAE latent of a lake dataset for a topic (docs/algorithms.md §2).
 
 Embeds the align texts (P_align) with the lake's embedder, computes each reference prompt's
 minimum distance to them, runs the DuckDB scoring query over the dataset's activations and stores

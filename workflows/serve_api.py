@@ -53,7 +53,7 @@ class RequestLimitError(ValueError):
 
 
 class SteeringOptions(BaseModel):
-    """Options of the steering spec (spec §3); defaults as in ``ops.steering.SteeringSpec``."""
+    """Options of the steering spec (docs/algorithms.md §3); defaults as in ``ops.steering.SteeringSpec``."""
 
     model_config = ConfigDict(extra="forbid")
 

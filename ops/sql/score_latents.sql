@@ -1,4 +1,4 @@
--- Per-latent topic scores for one lake dataset (spec §2, paper A eq. 1-2).
+-- Per-latent topic scores for one lake dataset (docs/algorithms.md §2, paper A eq. 1-2).
 --
 -- Relations and parameters:
 --   read_parquet($activations)   one dataset's activation files: prompt_id BIGINT, latent INTEGER,
