@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as pads
 import torch
 
 from ops.activations import iter_batches, run_to_hook
 from ops.embedders import embed
 from ops.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
+from ops.lake import DatasetKey, Lake
 from ops.models import LanguageModel
 from ops.scoring import min_distances
 from ops.steering import METHODS, SteeringSpec
@@ -94,6 +96,24 @@ def hook_moments(
 def mean_hook_activation(model: LanguageModel, texts: Sequence[str], hook: str, context: int = 256) -> torch.Tensor:
     """Mean activation at ``hook`` over counted positions of ``texts`` [d_model]."""
     return hook_moments(model, texts, hook, context)[0]
+
+
+def reference_moments(model: LanguageModel, hook: str, lake: Lake, key: DatasetKey) -> tuple[torch.Tensor, float]:
+    """Mean hook activation and mean activation norm of up to 512 reference prompts of a lake
+    dataset, drawn at random (seeded): its shards are cut in length order, so the first rows would
+    be the shortest prompts."""
+    prompts = pads.dataset(lake.table_glob("prompts", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
+    texts = prompts.to_table(columns=["prompt_id", "text"]).sort_by("prompt_id").column("text").to_pylist()
+    rows = np.random.default_rng(0).choice(len(texts), min(512, len(texts)), replace=False)
+    return hook_moments(model, [texts[i] for i in sorted(rows)], hook)
+
+
+def diffmean_vector(
+    model: LanguageModel, hook: str, align: Sequence[str], reference_mean: torch.Tensor
+) -> torch.Tensor:
+    """DiffMean: the mean hook activation of the align texts minus the reference mean
+    (:func:`reference_moments`), unscaled."""
+    return mean_hook_activation(model, align, hook) - reference_mean
 
 
 def run_method(

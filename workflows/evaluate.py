@@ -35,9 +35,9 @@ from ops.embedders import embed
 from ops.errors import SaealignError
 from ops.evaluation import (
     Evaluated,
-    hook_moments,
-    mean_hook_activation,
+    diffmean_vector,
     recommend,
+    reference_moments,
     run_method,
     score_results,
     standard_runs,
@@ -152,21 +152,6 @@ def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str
     return {"align_embeddings_s": t1 - t0, "distances_s": t2 - t1, "scoring_s": t3 - t2, "total_s": t3 - t0}
 
 
-def _diffmean(model: Any, hook: str, align: list[str], reference_mean: torch.Tensor) -> torch.Tensor:
-    """Mean hook activation of P_align minus that of the reference sample (:func:`_reference_moments`)."""
-    return mean_hook_activation(model, align, hook) - reference_mean
-
-
-def _reference_moments(model: Any, hook: str, lake: Lake, key: DatasetKey) -> tuple[torch.Tensor, float]:
-    """Mean hook activation and mean activation norm of up to 512 reference prompts, drawn at
-    random (seeded) from the lake: its shards are cut in length order, so the first rows would be
-    the shortest prompts."""
-    prompts = pads.dataset(lake.table_glob("prompts", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
-    texts = prompts.to_table(columns=["prompt_id", "text"]).sort_by("prompt_id").column("text").to_pylist()
-    rows = np.random.default_rng(0).choice(len(texts), min(512, len(texts)), replace=False)
-    return hook_moments(model, [texts[i] for i in sorted(rows)], hook)
-
-
 def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
     acts = pads.dataset(
         lake.table_glob("activations", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
@@ -206,7 +191,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
             raise SaealignError(f"unknown method(s) {sorted(unknown)}; choose from {[r.label for r in runs]}")
         runs = [r for r in runs if r.label in cfg.methods or r.label == "orig"]
     diffmean = (
-        _diffmean(model, key.hook, align, _reference_moments(model, key.hook, lake, key)[0])
+        diffmean_vector(model, key.hook, align, reference_moments(model, key.hook, lake, key)[0])
         if any(r.diffmean_scale for r in runs)
         else None
     )
@@ -256,11 +241,11 @@ def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
     scored = {topic: topic_scores(cfg.lake, topic, name)[0] for topic in dict.fromkeys(cfg.topics)}  # fail fast
     model = load_model(key.model)
     sae = load_sae(manifest["config"]["sae"])
-    reference, hook_norm = _reference_moments(model, key.hook, lake, key)
+    reference, hook_norm = reference_moments(model, key.hook, lake, key)
     topics = []
     for topic, scores_np in scored.items():
         align = topic_align_texts(cfg.lake, topic, name)
-        diffmean = _diffmean(model, key.hook, align, reference) if any(s.diffmean for s in settings) else None
+        diffmean = diffmean_vector(model, key.hook, align, reference) if any(s.diffmean for s in settings) else None
         topics.append(topic_suite.SuiteTopic(topic, torch.from_numpy(scores_np), embed(align, embedder), diffmean))
     prompts = _prompts(cfg)
     params = cfg.sampling

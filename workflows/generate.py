@@ -17,7 +17,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,10 +33,13 @@ from workflows._config import parse_config
 
 log = logging.getLogger(__name__)
 
+CLI_METHODS = (*[m for m in METHODS if m != "set"], "diffmean")
+"""What ``--method`` takes: the engine's methods but ``set`` (it needs latent values), and DiffMean."""
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Continue prompts with steered generation (orig, sae, clamp, swap, weight) and report contamination."""
+    """Continue prompts with steered generation (orig, sae, clamp, swap, weight, diffmean) and report contamination."""
 
     prompt: tuple[str, ...] = ()
     """Prompt text(s) to continue (several: --prompt "A" "B")."""
@@ -45,7 +48,7 @@ class GenerateConfig:
     topic: str | None = None
     """Topic whose scores steer (scored in the lake with `saealign score`)."""
     method: tuple[str, ...] = ("swap",)
-    """Steering method(s): orig, sae, clamp, swap, weight."""
+    """Steering method(s): orig, sae, clamp, swap, weight, diffmean (the topic's DiffMean vector, no SAE)."""
     compare: bool = False
     """Also run orig and print the methods side by side with mean contamination."""
     lake: str = "out/lake"
@@ -82,6 +85,8 @@ class GenerateConfig:
     """Add back the SAE error x - x' (every method but orig)."""
     include_first: bool = False
     """Steer the first position and special tokens too (default: untouched)."""
+    diffmean_scale: float = 4.0
+    """DiffMean: scale of the vector (mean align-text activation - mean reference activation)."""
     batch_size: int = 8
     """Rows per generation batch (left padding, per-row specs)."""
     json_out: str | None = None
@@ -90,12 +95,15 @@ class GenerateConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.method if m not in METHODS]
+        unknown = [m for m in self.method if m not in CLI_METHODS]
         if unknown or not self.method:
-            raise SaealignError(f"unknown --method {unknown or '(none)'}; fix: use one or more of {', '.join(METHODS)}")
+            fix = ", ".join(CLI_METHODS)
+            raise SaealignError(f"unknown --method {unknown or '(none)'}; fix: use one or more of {fix}")
         scored = [m for m in self.method if m in SCORED_METHODS]
         if scored and not (self.topic or self.scores_file):
             raise SaealignError(f"--method {scored[0]} needs topic scores; fix: pass --topic NAME (or --scores-file)")
+        if "diffmean" in self.method and not self.topic:
+            raise SaealignError("--method diffmean needs the topic's align texts; fix: pass --topic NAME")
         if self.topic and self.scores_file:
             raise SaealignError("pass either --topic or --scores-file, not both")
         if self.batch_size < 1:
@@ -115,7 +123,13 @@ class GenerateConfig:
         chosen = list(dict.fromkeys(self.method))
         return ["orig", *[m for m in chosen if m != "orig"]] if self.compare else chosen
 
-    def spec(self, method: str, scores: np.ndarray | None) -> SteeringSpec:
+    def spec(self, method: str, scores: np.ndarray | None, diffmean: torch.Tensor | None = None) -> SteeringSpec:
+        """The engine's spec of ``method``; diffmean is plain activation addition of the scaled vector."""
+        if method == "diffmean":
+            assert diffmean is not None
+            return SteeringSpec(
+                vector=self.diffmean_scale * diffmean, include_first=self.include_first, topic=self.topic
+            )
         return SteeringSpec.for_method(method, None if scores is None else torch.from_numpy(scores), self, self.topic)
 
 
@@ -168,9 +182,11 @@ def build(cfg: GenerateConfig) -> dict[str, Any]:
     prompts = read_prompts(cfg)
     scores, meta = load_scores(cfg, cfg.hook)
     methods = cfg.methods()
-    specs = {m: cfg.spec(m, scores) for m in methods}
     device = _device(cfg.device)
     model = load_model(cfg.model, device=device)
+    hook = cfg.hook or meta.get("hook")
+    diffmean = _diffmean(cfg, model, hook) if "diffmean" in methods else None
+    specs = {m: cfg.spec(m, scores, diffmean) for m in methods}
     sae = load_sae(cfg.sae, device=device) if any(s.needs_sae for s in specs.values()) else None
     rows = [(p, m) for p in prompts for m in methods]
     results = generate(
@@ -178,16 +194,31 @@ def build(cfg: GenerateConfig) -> dict[str, Any]:
         sae,
         [p for p, _ in rows],
         [specs[m] for _, m in rows],
-        hook_name=cfg.hook,
+        hook_name=hook,
         params=cfg.sampling(),
         batch_size=cfg.batch_size,
     )
+    results = [replace(r, method=m) for r, (_, m) in zip(results, rows, strict=True)]  # diffmean runs as orig + vector
     if cfg.json_out:
         out = Path(cfg.json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         payload = {"config": _jsonable(cfg), "scores": meta, "results": [r.to_dict() for r in results]}
         out.write_text(json.dumps(payload, indent=2, default=str))
     return {"methods": methods, "results": results, "scores_meta": meta}
+
+
+def _diffmean(cfg: GenerateConfig, model: Any, hook: str | None) -> torch.Tensor:
+    """The topic's DiffMean vector at ``hook`` (its align texts and the lake's reference prompts)."""
+    from ops.evaluation import diffmean_vector, reference_moments
+    from ops.lake import Lake
+    from ops.scoring import dataset_key, resolve_dataset, topic_align_texts
+
+    assert cfg.topic is not None
+    lake = Lake(cfg.lake)
+    key = dataset_key(lake, resolve_dataset(lake, cfg.dataset))
+    hook = hook or key.hook
+    align = topic_align_texts(cfg.lake, cfg.topic, cfg.dataset)
+    return diffmean_vector(model, hook, align, reference_moments(model, hook, lake, key)[0])
 
 
 def _jsonable(cfg: GenerateConfig) -> dict[str, Any]:

@@ -146,3 +146,29 @@ def test_suite_html_has_a_plot_per_topic(report_dir: Path, suite_report: dict[st
     for topic in ("medical", "shoes"):
         assert f'alt="topic {topic}"' in page
     assert 'alt="pooled"' in page and "Knobs chosen on the dev half" in page
+
+
+def test_generate_with_diffmean_steers_through_the_engine(report_dir: Path) -> None:
+    from workflows.generate import GenerateConfig
+    from workflows.generate import build as generate
+
+    def tokens(scale: float) -> dict[str, list[list[int]]]:
+        cfg = GenerateConfig(
+            prompt=("The weather today", "My plan for the weekend"),
+            topic="medical",
+            method=("diffmean",),
+            compare=True,
+            lake=str(report_dir.parent / "lake"),
+            max_new_tokens=6,
+            greedy=True,
+            diffmean_scale=scale,
+        )
+        out = generate(cfg)
+        by: dict[str, list[list[int]]] = {}
+        for r in out["results"]:
+            by.setdefault(r.method, []).append(r.token_ids)
+        return by
+
+    zero, steered = tokens(0.0), tokens(8.0)
+    assert zero["diffmean"] == zero["orig"]  # a zero vector changes nothing
+    assert steered["diffmean"] != steered["orig"]
