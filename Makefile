@@ -51,7 +51,7 @@ test: lint
 demo: install
 	$(VENV)/bin/saealign demo
 
-# docs/results.md from the JSON the benchmarks wrote (docs/data/)
+# docs/results.md and docs/benchmarks.md from the JSON the benchmarks wrote (docs/data/)
 docs: install
 	$(PY) -m tests.benchmarks.render_docs
 

@@ -1,6 +1,6 @@
 """Benchmark: steered generation vs plain generation, side by side in one run (not a test).
 
-    .venv/bin/python tests/benchmarks/bench_generation.py [--sae DIR] [--tokens 64] [--repeats 3]
+    .venv/bin/python -m tests.benchmarks.bench_generation [--sae DIR] [--tokens 64] [--repeats 3]
 
 Every row generates ``--tokens`` new tokens (top-k 5 sampling, seed 0, no stop at EOS) for the
 same prompt. Time per token = wall time of the whole call (tokenize, prefill, decode) / tokens;
@@ -10,6 +10,8 @@ batch 1; batch 8 throughput ≥ 4× batch 1.
 
 The SAE defaults to the shipped one, else a random TopK SAE of the same shape (d_sae 4,608,
 k 32): the cost of the hook does not depend on the trained weights. Scores are random.
+Writes the table with the machine, date and command to ``docs/data/generation.json`` (``--out``),
+from which ``make docs`` renders ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ops.generation import SamplingParams, generate
 from ops.models import load_model
 from ops.saes import DEFAULT_SAE_DIR, load_sae
 from ops.steering import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
+from tests.benchmarks.machine import DATA, write_result
 
 PROMPT = "My heart is broken, so I should"
 HOOK = "blocks.6.hook_resid_post"
@@ -58,7 +61,7 @@ def _time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sae", default=None, help="sae-lens directory (default: the shipped SAE, else random)")
     ap.add_argument("--tokens", type=int, default=64)
@@ -66,7 +69,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--skip-tl", action="store_true", help="skip the slow TransformerLens rows")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(DATA / "generation.json"), help="where the numbers go (JSON)")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -146,6 +151,50 @@ def main() -> None:
     tput8 = args.batch * n / by[f"ops.generation, swap, batch {args.batch}"]
     print(f"\nswap (ops.generation) ÷ HF generate plain, batch 1: {swap_ratio:.3f}  (target ≤ 1.25)")
     print(f"swap throughput batch {args.batch} ÷ batch 1: {tput8 / tput1:.2f}×  (target ≥ 4)")
+    write_result(
+        args.out,
+        "tests.benchmarks.bench_generation",
+        {
+            "bench": {"seconds": time.perf_counter() - t_start},
+            "config": {
+                "sae": sae_name,
+                "hook": hook,
+                "prompt": PROMPT,
+                "tokens": n,
+                "repeats": args.repeats,
+                "batch": args.batch,
+                "threads": torch.get_num_threads(),
+                "sampling": "top-k 5, seed 0, no stop at EOS",
+            },
+            "rows": [
+                {
+                    "path": label,
+                    "batch": batch,
+                    "seconds": sec,
+                    "s_per_token": sec / n,
+                    "tokens_per_s": batch * n / sec,
+                    "vs_hf_plain": (sec / n) / base,
+                    "median_of": 1 if label.startswith("TransformerLens") else args.repeats,
+                }
+                for label, batch, sec in rows
+            ],
+            "ratios": [
+                {
+                    "what": "Swap (ops.generation) ÷ HF generate with no hook, s/token, batch 1",
+                    "value": swap_ratio,
+                    "goal": "≤ 1.25",
+                    "met": swap_ratio <= 1.25,
+                },
+                {
+                    "what": f"Swap tokens/s, batch {args.batch} ÷ batch 1",
+                    "value": tput8 / tput1,
+                    "goal": "≥ 4",
+                    "met": tput8 / tput1 >= 4,
+                },
+            ],
+        },
+        argv,
+    )
 
 
 if __name__ == "__main__":

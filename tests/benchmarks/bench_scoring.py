@@ -1,4 +1,4 @@
-"""Benchmark of topic scoring (not run by CI; prints tables).
+"""Benchmark of topic scoring (not run by CI; prints tables, writes ``docs/data/scoring.json``).
 
 Part A — a new topic on a lake of real text, embedder loaded: the reference pool's texts
 (``embedded:pool`` by default) embedded with MiniLM, the medical align texts, and the phases of
@@ -11,12 +11,16 @@ Part B — the scoring computation alone on a synthetic lake of ``--rows`` activ
 by side with a streaming NumPy implementation (and, for small lakes, an in-memory pandas one),
 each in its own process so that its peak RSS is its own. The results are compared.
 
-    .venv/bin/python tests/benchmarks/bench_scoring.py --rows 1e8 --memory-limit 1GB
+    .venv/bin/python -m tests.benchmarks.bench_scoring --rows 1e8 --memory-limit 1GB
+
+The numbers go with the machine, date and command to ``--out`` (default
+``docs/data/scoring.json``), from which ``make docs`` renders ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import resource
 import shutil
@@ -32,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ops.lake import ACTIVATIONS, EMBEDDINGS, DatasetKey, Lake, prompt_id
+from tests.benchmarks.machine import DATA, write_result
 
 KEY = DatasetKey(model="bench-lm", sae="bench-sae", hook="blocks.6.hook_resid_post")
 
@@ -92,7 +97,7 @@ def real_text_lake(root: Path, pool: str, d_sae: int, per_prompt: int) -> tuple[
     return lake, seconds
 
 
-def part_a(args: argparse.Namespace, work: Path) -> None:
+def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from ops.embedders import EMBEDDED_EMBEDDER, load_embedder
     from ops.scoring import dataset_key, lake_embedder, min_distances, resolve_dataset, score_topic
     from ops.texts import read_texts
@@ -142,6 +147,15 @@ def part_a(args: argparse.Namespace, work: Path) -> None:
         )
     print(f"  distances to 10,000 align texts (random unit vectors): {big_s:.2f} s")
     print("  paper (V100, 8K prompts, 20 texts): embeddings 56 s, distances 2.4 s, scoring 3.7 s, total 62 s")
+    return {
+        "source": note,
+        "n_prompts": n_prompts,
+        "n_align": n_align,
+        "pool_embed_s": None if math.isnan(pool_embed_s) else pool_embed_s,
+        "embedder_load_s": load_s,
+        "rows": [{"power": power, **r["timings"], "total_s": sum(r["timings"].values())} for power, r in rows],
+        "distances_10k_align_s": big_s,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,7 +285,7 @@ def _compare(a: pa.Table, b: pa.Table) -> tuple[float, float]:
     return float(np.abs(ga - gb).max(initial=0)), float(np.abs(sa[ok] - sb[ok]).max(initial=0))
 
 
-def part_b(args: argparse.Namespace, work: Path) -> None:
+def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = int(float(args.rows))
     root = work / f"b-synthetic-{rows}-{args.d_sae_b}-{args.per_prompt_b}"
     lake, dist_path = synthetic_lake(root, rows, args.d_sae_b, args.per_prompt_b, args.shard_rows)
@@ -297,17 +311,38 @@ def part_b(args: argparse.Namespace, work: Path) -> None:
     )
     head = f"  {'implementation':<28} | {'seconds':>8} | {'Mrows/s':>7} | {'peak RSS':>9} |"
     print(head + " max |Δg| / |Δscore| vs DuckDB")
+    out_rows = []
     for name, r in results.items():
         dg, ds = _compare(ref["table"], r["table"])
+        out_rows.append(
+            {
+                "implementation": name,
+                "seconds": r["seconds"],
+                "mrows_per_s": rows / r["seconds"] / 1e6,
+                "peak_rss_mb": r["rss_mb"],
+                "vs_duckdb": r["seconds"] / ref["seconds"],
+                "max_abs_dg": dg,
+                "max_abs_dscore": ds,
+            }
+        )
         print(
             f"  {name:<28} | {r['seconds']:8.2f} | {rows / r['seconds'] / 1e6:7.1f} | {r['rss_mb']:6.0f} MB | "
             f"{dg:.1e} / {ds:.1e}"
         )
     if rows > float(args.pandas_max_rows):
         print(f"  pandas, in memory: skipped above {float(args.pandas_max_rows):.0e} rows (--pandas-max-rows)")
+    return {
+        "rows": rows,
+        "prompts": rows // args.per_prompt_b,
+        "d_sae": args.d_sae_b,
+        "parquet_mb": size_mb,
+        "threads": args.threads,
+        "memory_limit": args.memory_limit,
+        "implementations": out_rows,
+    }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["a", "b", "both"], default="both")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "saealign-bench-scoring"))
@@ -324,15 +359,21 @@ def main() -> None:
     parser.add_argument("--memory-limit", default="1GB")
     parser.add_argument("--pandas-max-rows", default="3e7")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic lake for a re-run")
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(DATA / "scoring.json"), help="where the numbers go (JSON)")
+    args = parser.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {}
     if args.part in ("a", "both"):
-        part_a(args, work)
+        result["new_topic"] = part_a(args, work)
     if args.part in ("b", "both"):
-        part_b(args, work)
+        result["synthetic"] = part_b(args, work)
         if not args.keep:
             shutil.rmtree(work / f"b-synthetic-{int(float(args.rows))}-{args.d_sae_b}-{args.per_prompt_b}")
+    result["bench"] = {"seconds": time.perf_counter() - t0}
+    result["paper"] = "V100, 8K prompts, 20 align texts: embeddings 56 s, distances 2.4 s, scoring 3.7 s, total 62 s"
+    write_result(args.out, "tests.benchmarks.bench_scoring", result, argv)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,14 @@ specs. Prints a table of requests, errors, p50/p95 latency, tokens/s and mean ba
 ratio batched / one-at-a-time throughput (goal: ≥ 3). Bounded: the batched phase stops issuing
 requests after ``--max-seconds``.
 
-    .venv/bin/python tests/benchmarks/bench_serve.py                 # builds a small lake in /tmp
-    .venv/bin/python tests/benchmarks/bench_serve.py --lake out/demo/lake --topics medical
+    .venv/bin/python -m tests.benchmarks.bench_serve                 # builds a small lake in /tmp
+    .venv/bin/python -m tests.benchmarks.bench_serve --lake out/demo/lake --topics medical
+
+Without ``--lake`` the service runs on a small lake with a random SAE (32 embedded pool prompts,
+topics medical and sport): the cost of serving does not depend on the trained weights. Latency
+and throughput depend on ``--tokens``, ``--max-batch-size`` and ``--torch-threads``, which the
+JSON records. The numbers go with the machine, date and command to ``--out`` (default
+``docs/data/serve.json``), from which ``make docs`` renders ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
+import math
 import statistics
 import sys
 import tempfile
@@ -35,6 +42,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tests.benchmarks.machine import DATA, write_result  # noqa: E402
 
 PROMPTS = [
     "My heart is broken, so I should",
@@ -150,7 +159,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
-def main() -> int:
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """The row for JSON: ``tokens/s`` as ``tokens_per_s``, NaN (a phase with no requests) as null."""
+    out = {("tokens_per_s" if k == "tokens/s" else k): v for k, v in row.items()}
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lake", default="", help="lake with scored topics (default: build a small one in /tmp)")
     p.add_argument("--topics", nargs="+", default=["medical", "sport"])
@@ -161,7 +176,9 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=900.0, help="stop issuing batched requests after this")
-    args = p.parse_args()
+    p.add_argument("--out", default=str(DATA / "serve.json"), help="where the numbers go (JSON)")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
 
     import ray
     from ray import serve
@@ -208,6 +225,40 @@ def main() -> int:
     print(f"batched requests completed: {len(bat.latencies)} of {planned}; errors: {n_errors}")
     for err in (seq.errors + bat.errors)[:5]:
         print(f"  error: {err}")
+    write_result(
+        args.out,
+        "tests.benchmarks.bench_serve",
+        {
+            "bench": {"seconds": time.perf_counter() - t_start},
+            "config": {
+                "lake": args.lake or "small test lake (random SAE, 32 embedded pool prompts)",
+                "topics": args.topics,
+                "methods": "swap, clamp, swap, orig (cycled)",
+                "tokens_per_request": args.tokens,
+                "clients": args.clients,
+                "requests_per_client": args.requests,
+                "sequential_requests": args.sequential,
+                "max_batch_size": args.max_batch_size,
+                "torch_threads": args.torch_threads,
+                "max_seconds": args.max_seconds,
+                "replicas": 1,
+                "network": "loopback",
+            },
+            "rows": [_finite(r) for r in rows],
+            "batched_completed": len(bat.latencies),
+            "batched_planned": planned,
+            "errors": n_errors,
+            "ratios": [
+                {
+                    "what": "batched ÷ one-at-a-time throughput (tokens/s)",
+                    "value": None if math.isnan(ratio) else ratio,
+                    "goal": "≥ 3",
+                    "met": ratio >= 3,
+                }
+            ],
+        },
+        argv,
+    )
     return 0 if not (seq.errors or bat.errors) else 1
 
 

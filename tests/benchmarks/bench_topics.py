@@ -7,19 +7,23 @@ Builds (or reuses) the embedded demo lake, scores sports, finance and cooking fr
 20 texts each; real third-party text beside a development checkout, read in place, never copied),
 then runs ``saealign evaluate --topics`` on the first 40 of the embedded neutral prompts with two
 seeds and 32 tokens (so that it fits 20 minutes on a 2-core CPU). Writes
-the full report to ``out/bench_topics/`` and its numbers (no generated text) with the machine, date
-and wall time to ``docs/data/topics.json``, from which ``make docs`` renders ``docs/results.md``.
+the full report to ``out/bench_topics/`` (``--out``) and its numbers (no generated text) with the
+machine, date, revision, command and wall time to ``docs/data/topics.json`` (``--json``), from which
+``make docs`` renders ``docs/results.md``.
+
+The protocol is that of ``saealign evaluate --topics``: knobs and the best SAE setting are chosen
+on one half of the prompts (dev) and only the other half (test) is reported, with bootstrap
+intervals over prompts. The topics are never tuned on; to compare two revisions, run both on the
+same machine and compare the JSON, not a number from another machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from pathlib import Path
 
-from tests.benchmarks.machine import machine
+from tests.benchmarks.machine import write_result
 from workflows import evaluate, score
 from workflows.build_lake import BuildLakeConfig, build
 
@@ -36,8 +40,10 @@ TOPICS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", default="out/demo/lake")
-    parser.add_argument("--out", default="out/bench_topics")
-    parser.add_argument("--json", default=str(ROOT / "docs" / "data" / "topics.json"))
+    parser.add_argument("--out", default="out/bench_topics", help="directory of the full report")
+    parser.add_argument(
+        "--json", default=str(ROOT / "docs" / "data" / "topics.json"), help="where the numbers go (JSON)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--n-prompts", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -52,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.lake) / "manifests").is_dir():
         build(BuildLakeConfig(lake=args.lake))
     for topic, path in TOPICS.items():
-        cfg = score.ScoreConfig(
+        score_cfg = score.ScoreConfig(
             lake=args.lake, topic=topic, align_file=(str(path),), align_sample=args.align_sample, replace=True
         )
-        score.build(cfg)
+        score.build(score_cfg)
     t1 = time.perf_counter()
     cfg = evaluate.EvaluateConfig(
         lake=args.lake,
@@ -71,16 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.print_suite(report)
     keep = {k: v for k, v in report.items() if k not in ("generations", "prompts")}
     keep["bench"] = {
-        "machine": machine(),
-        "command": "python -m tests.benchmarks.bench_topics " + " ".join(sys.argv[1:] if argv is None else argv),
         "score_topics_s": t1 - t0,
         "evaluate_s": t2 - t1,
         "align_sample": args.align_sample,
         "sources": {t: "../" + str(p.relative_to(ROOT.parent)) for t, p in TOPICS.items()},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(keep, indent=1, default=evaluate._json_default) + "\n")
-    print(f"evaluate took {t2 - t1:.0f} s; numbers: {args.json}")
+    write_result(args.json, "tests.benchmarks.bench_topics", keep, argv)
+    print(f"evaluate took {t2 - t1:.0f} s")
     return 0
 
 
