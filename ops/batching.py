@@ -1,5 +1,5 @@
-"""Length-grouped batching shared by the LM (``ops.activations.iter_batches``) and the sentence
-embedder (``ops.embedders.embed``): texts sorted by length, each batch capped in padded tokens."""
+"""Length-grouped batching shared by the LM (``ops.models.activations.iter_batches``) and the sentence
+embedder (``ops.models.embedders.embed``): texts sorted by length, each batch capped in padded tokens."""
 
 from __future__ import annotations
 

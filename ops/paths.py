@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+SQL_DIR = Path(__file__).resolve().parent / "sql"
+"""Named SQL statements (``-- name: <name>`` sections) that the scoring and lake code run."""
 
 
 def cache_dir() -> Path:

@@ -27,7 +27,7 @@ def make_topk_sae(d_in: int, d_sae: int, k: int, hook: str, seed: int = 0) -> An
 
 @pytest.fixture(scope="session")
 def embedded_model() -> Any:
-    from ops.models import load_model
+    from ops.models.lm import load_model
 
     return load_model()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from ops import report as R
+from ops.evals import report as R
 
 
 def _flat(rows: list[dict[str, Any]], key: str) -> list[float]:

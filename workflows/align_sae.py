@@ -3,13 +3,13 @@
 Steps: read and split the ontology (stratified, seeded), run the model once to the SAE's hook
 over the ontology texts and some generic text (pooled vectors + per-token activations), pick
 the vanilla baseline (best single latent per concept on the training split), post-train the
-aligned SAE (``ops.alignsae``: appended concept slots, stage 1 reconstruction, stage 2 +
+aligned SAE (``ops.alignsae.training``: appended concept slots, stage 1 reconstruction, stage 2 +
 binding), save it, then measure both on the test split: alignment AUC, reconstruction MSE /
 explained variance (test ontology text + held-out generic text), entanglement index, and
-concept-swap success vs α (``ops.concept_swap``).
+concept-swap success vs α (``ops.alignsae.swaps``).
 
 Output directory: the aligned SAE (sae-lens ``cfg.json`` + ``sae_weights.safetensors`` +
-``concept_slots.safetensors``; load with ``ops.alignsae.load_aligned_sae``), ``report.json``,
+``concept_slots.safetensors``; load with ``ops.alignsae.training.load_aligned_sae``), ``report.json``,
 ``swaps.jsonl`` (every continuation) and ``manifest.json`` (config, concept -> slot index).
 """
 
@@ -30,7 +30,29 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ops.alignsae import (
+from ops.alignsae.metrics import (
+    ReconTally,
+    best_alpha,
+    best_latents,
+    concept_auc,
+    entanglement_index,
+    geometric_mean,
+    swap_success,
+)
+from ops.alignsae.ontology import Ontology, check_concepts, load_ontology, split_ontology
+from ops.alignsae.swaps import (
+    CentroidClassifier,
+    ConceptSAE,
+    SwapOutcome,
+    SwapTrial,
+    VanillaConceptSAE,
+    concept_means,
+    diffmean_specs,
+    plan_swaps,
+    run_trials,
+    swap_specs,
+)
+from ops.alignsae.training import (
     AlignedSAE,
     AlignTrainConfig,
     TextActivations,
@@ -43,33 +65,11 @@ from ops.alignsae import (
     train_aligned,
     typical_activations,
 )
-from ops.concept_metrics import (
-    ReconTally,
-    best_alpha,
-    best_latents,
-    concept_auc,
-    entanglement_index,
-    geometric_mean,
-    swap_success,
-)
-from ops.concept_swap import (
-    CentroidClassifier,
-    ConceptSAE,
-    SwapOutcome,
-    SwapTrial,
-    VanillaConceptSAE,
-    concept_means,
-    diffmean_specs,
-    plan_swaps,
-    run_trials,
-    swap_specs,
-)
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
-from ops.models import EMBEDDED_MODEL, LanguageModel, load_model
-from ops.ontology import Ontology, check_concepts, load_ontology, split_ontology
-from ops.saes import check_sae_fits, load_sae
-from ops.steering import SteeringSpec
+from ops.models.lm import EMBEDDED_MODEL, LanguageModel, load_model
+from ops.saes.registry import check_sae_fits, load_sae
+from ops.steering.engine import SteeringSpec
 from ops.texts import read_many
 from workflows._config import parse_config
 

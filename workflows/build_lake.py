@@ -25,13 +25,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ops.embedders import EMBEDDED_EMBEDDER, Precision, resolve_precision
 from ops.errors import SaealignError
-from ops.lake import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
-from ops.lake_build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
+from ops.lake.build import PreparedPool, describe_pool, latent_stats_table, prepare_pool
+from ops.lake.contract import ACTIVATIONS, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
 from ops.manifest import base_manifest
-from ops.models import EMBEDDED_MODEL, prepare_model_files
-from ops.saes import load_sae, sae_hook_name, sae_id
+from ops.models.embedders import EMBEDDED_EMBEDDER, Precision, resolve_precision
+from ops.models.lm import EMBEDDED_MODEL, prepare_model_files
+from ops.saes.registry import load_sae, sae_hook_name, sae_id
 from ops.texts import read_many
 from workflows._config import parse_config
 
@@ -156,7 +156,7 @@ class ShardLatents:
     """Ray actor: LM to the hook + SAE + summary for one shard per call."""
 
     def __init__(self, cfg: BuildLakeConfig, key: DatasetKey) -> None:
-        from ops.lake_build import PromptEncoder
+        from ops.lake.build import PromptEncoder
 
         _set_threads(cfg.torch_threads or cfg.cpus_per_worker)
         device = "cuda" if cfg.gpus_per_worker > 0 else "cpu"
@@ -184,7 +184,7 @@ class ShardEmbeddings:
         self.lake, self.key = Lake(cfg.lake), key
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from ops.lake_build import embed_shard
+        from ops.lake.build import embed_shard
 
         shard, table = _unpack(batch)
         path = self.lake.shard_path("embeddings", self.key, shard)
@@ -393,8 +393,8 @@ def report_coverage(cfg: BuildLakeConfig, manifest: dict[str, Any]) -> list[dict
 
     import pyarrow.dataset as pads
 
-    from ops.coverage import coverage_curve
-    from ops.report import curve_figure
+    from ops.evals.report import curve_figure
+    from ops.scoring.coverage import coverage_curve
 
     lake, key = Lake(cfg.lake), DatasetKey(**manifest["key"])
     acts = pads.dataset(

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ops.errors import SaealignError
-from ops.lake import Lake
-from ops.saes import DEFAULT_SAE_DIR
-from ops.scoring import export_path, resolve_dataset
+from ops.lake.contract import Lake
+from ops.saes.registry import DEFAULT_SAE_DIR
+from ops.scoring.scores import export_path, resolve_dataset
 from workflows import build_lake, evaluate
 from workflows._config import parse_config
 
@@ -52,7 +52,7 @@ def _lake_step(cfg: DemoConfig, lake_dir: str) -> dict[str, Any]:
 
 
 def _score_step(cfg: DemoConfig, lake_dir: str) -> dict[str, Any]:
-    from ops.scoring import score_topic
+    from ops.scoring.scores import score_topic
     from ops.texts import read_texts
 
     lake = Lake(lake_dir)

@@ -6,7 +6,7 @@ baseline and a DiffMean steering vector; measure docs/algorithms.md §4's metric
 (Fig. 3), the top-k check (Fig. 4) and the histograms of latents changed and contamination
 (Figs. 5–6); recommend a default setting from the numbers.
 
-Several topics (``--topics a b ...``): the protocol of :mod:`ops.topic_suite` (knobs and the best
+Several topics (``--topics a b ...``): the protocol of :mod:`ops.evals.topic_suite` (knobs and the best
 SAE setting chosen on a dev half of the prompts, the test half reported per topic and pooled with
 bootstrap intervals, an independent judge LM beside the model's own perplexity)::
 
@@ -29,11 +29,10 @@ import pyarrow.dataset as pads
 import torch
 from tqdm.auto import tqdm
 
-from ops import topic_suite
-from ops.coverage import coverage_curve
-from ops.embedders import embed
 from ops.errors import SaealignError
-from ops.evaluation import (
+from ops.evals import topic_suite
+from ops.evals.judges import load_judge
+from ops.evals.methods import (
     Evaluated,
     diffmean_vector,
     recommend,
@@ -43,12 +42,12 @@ from ops.evaluation import (
     standard_runs,
     summarise_method,
 )
-from ops.generation import SamplingParams
-from ops.judges import load_judge
-from ops.lake import DatasetKey, Lake
-from ops.models import load_model
-from ops.saes import load_sae
-from ops.scoring import (
+from ops.lake.contract import DatasetKey, Lake
+from ops.models.embedders import embed
+from ops.models.lm import load_model
+from ops.saes.registry import load_sae
+from ops.scoring.coverage import coverage_curve
+from ops.scoring.scores import (
     dataset_key,
     lake_embedder,
     prompt_distances,
@@ -58,8 +57,9 @@ from ops.scoring import (
     topic_align_texts,
     topic_scores,
 )
+from ops.scoring.topk_check import token_latent_sets, topk_check
+from ops.steering.generation import SamplingParams
 from ops.texts import read_texts
-from ops.topk_check import token_latent_sets, topk_check
 from workflows import _evaluate_report
 from workflows._config import parse_config
 
@@ -83,7 +83,7 @@ class EvaluateConfig:
     """Several scored topics: run the multi-topic protocol (dev/test halves, bootstrap intervals)
     instead of the single-topic report; --topic is then ignored."""
     settings: tuple[str, ...] = ()
-    """--topics: settings to run (default: ops.topic_suite.DEFAULT_SETTINGS)."""
+    """--topics: settings to run (default: ops.evals.topic_suite.DEFAULT_SETTINGS)."""
     split_seed: int = 0
     """--topics: seed of the prompt shuffle that cuts the dev and test halves."""
     ppl_budget: float = 1.5
@@ -234,7 +234,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
-    """The multi-topic protocol of :mod:`ops.topic_suite` over ``cfg.topics``."""
+    """The multi-topic protocol of :mod:`ops.evals.topic_suite` over ``cfg.topics``."""
     lake, name, key, manifest = _dataset(cfg)
     embedder = lake_embedder(lake, key)
     settings = topic_suite.select_settings(cfg.settings)

@@ -2,7 +2,7 @@
 
 Scores come from the lake (``saealign score`` wrote them; the topic must have been scored with
 the SAE in use) or from a ``.npy`` file. All (prompt, method) rows run through one batched
-generation with per-row steering specs (:func:`ops.generation.generate`). ``--compare`` adds
+generation with per-row steering specs (:func:`ops.steering.generation.generate`). ``--compare`` adds
 ``orig`` and prints a table of mean contamination, latents changed and time per token per method.
 
 Example::
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.generation import GenerationResult, SamplingParams, check_prompts, generate
-from ops.models import EMBEDDED_MODEL, load_model
-from ops.saes import load_sae, sae_id
-from ops.steering import METHODS, SCORED_METHODS, SteeringSpec, check_scores_sae
+from ops.models.lm import EMBEDDED_MODEL, load_model
+from ops.saes.registry import load_sae, sae_id
+from ops.steering.engine import METHODS, SCORED_METHODS, SteeringSpec, check_scores_sae
+from ops.steering.generation import GenerationResult, SamplingParams, check_prompts, generate
 from workflows._config import parse_config
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def load_scores(cfg: GenerateConfig, hook: str | None) -> tuple[np.ndarray | Non
         return np.load(path).astype(np.float32), {"source": str(path)}
     if not cfg.topic:
         return None, {}
-    from ops.scoring import topic_scores
+    from ops.scoring.scores import topic_scores
 
     scores, meta = topic_scores(cfg.lake, cfg.topic, cfg.dataset)
     check_scores_sae(meta.get("sae"), sae_id(cfg.sae))
@@ -209,9 +209,9 @@ def build(cfg: GenerateConfig) -> dict[str, Any]:
 
 def _diffmean(cfg: GenerateConfig, model: Any, hook: str | None) -> torch.Tensor:
     """The topic's DiffMean vector at ``hook`` (its align texts and the lake's reference prompts)."""
-    from ops.evaluation import diffmean_vector, reference_moments
-    from ops.lake import Lake
-    from ops.scoring import dataset_key, resolve_dataset, topic_align_texts
+    from ops.evals.methods import diffmean_vector, reference_moments
+    from ops.lake.contract import Lake
+    from ops.scoring.scores import dataset_key, resolve_dataset, topic_align_texts
 
     assert cfg.topic is not None
     lake = Lake(cfg.lake)

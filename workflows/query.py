@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from ops.errors import SaealignError
-from ops.lakequery import format_result, run_query
+from ops.lake.query import format_result, run_query
 from workflows._config import parse_config
 
 

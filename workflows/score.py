@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ops.errors import SaealignError
-from ops.lake import Lake
-from ops.scoring import (
+from ops.lake.contract import Lake
+from ops.scoring.scores import (
     check_topic_name,
     dataset_key,
     read_manifest,
@@ -128,9 +128,9 @@ def _device(name: str) -> str:
 
 def run_check(cfg: ScoreConfig) -> dict[str, Any]:
     """Top-k check: load the dataset's model and SAE, encode both texts per token, compare."""
-    from ops.models import load_model
-    from ops.saes import check_sae_fits, load_sae
-    from ops.topk_check import save_check, token_latent_sets, topk_check
+    from ops.models.lm import load_model
+    from ops.saes.registry import check_sae_fits, load_sae
+    from ops.scoring.topk_check import save_check, token_latent_sets, topk_check
 
     scores, meta = topic_scores(cfg.lake, cfg.topic, cfg.dataset)
     lake = Lake(cfg.lake)

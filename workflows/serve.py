@@ -18,7 +18,7 @@ dataset once per replica (:class:`workflows.serve_engine.Engine`), and answers:
 Concurrent generation requests are batched by :class:`workflows.serve_engine.Batcher` (an
 asyncio queue in front of the engine): each row carries its own steering spec (topic scores,
 method, options) and sampling seed, rows with equal sampling parameters run in one
-:func:`ops.generation.generate` call, and every row's output equals what the same request gives
+:func:`ops.steering.generation.generate` call, and every row's output equals what the same request gives
 alone (per-row seeded sampling; tested).
 Why not ``@serve.batch``: it forms the next batch as soon as the previous one *starts* (then
 waits for its semaphore), so with one batch running at a time the batches stay small under load;
@@ -56,8 +56,8 @@ from ray import serve
 from ray.serve import Application
 
 from ops.errors import SaealignError, TopicExistsError
-from ops.lake import Lake
-from ops.scoring import resolve_dataset
+from ops.lake.contract import Lake
+from ops.scoring.scores import resolve_dataset
 from workflows._config import parse_config
 from workflows.serve_api import (
     CompareRequest,

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ops.generation import MAX_NEW_TOKENS_LIMIT
-from ops.steering import SCORED_METHODS
+from ops.steering.engine import SCORED_METHODS
+from ops.steering.generation import MAX_NEW_TOKENS_LIMIT
 
 Method = Literal["orig", "sae", "clamp", "swap", "weight"]
 
@@ -53,7 +53,7 @@ class RequestLimitError(ValueError):
 
 
 class SteeringOptions(BaseModel):
-    """Options of the steering spec (docs/algorithms.md §3); defaults as in ``ops.steering.SteeringSpec``."""
+    """Options of the steering spec (docs/algorithms.md §3); defaults as in ``ops.steering.engine.SteeringSpec``."""
 
     model_config = ConfigDict(extra="forbid")
 

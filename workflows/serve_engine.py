@@ -25,11 +25,10 @@ import torch
 from pydantic import ConfigDict
 
 from ops.errors import SaealignError, TopicExistsError
-from ops.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
-from ops.lake import Lake
-from ops.models import load_model
-from ops.saes import load_sae, sae_id
-from ops.scoring import (
+from ops.lake.contract import Lake
+from ops.models.lm import load_model
+from ops.saes.registry import load_sae, sae_id
+from ops.scoring.scores import (
     dataset_key,
     export_path,
     list_topics,
@@ -39,7 +38,8 @@ from ops.scoring import (
     top_latents,
     topic_scores,
 )
-from ops.steering import SteeringSpec, check_scores_sae
+from ops.steering.engine import SteeringSpec, check_scores_sae
+from ops.steering.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
 from workflows.serve_api import (
     MAX_ALIGN_TEXTS,
     MAX_PROMPT_CHARS,

@@ -26,12 +26,12 @@ from typing import Literal
 
 import torch
 
-from ops.activations import check_hook
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
-from ops.models import EMBEDDED_MODEL, load_model
-from ops.sae_eval import evaluate_sae
-from ops.sae_training import collect_activations, make_training_sae, train_sae
+from ops.models.activations import check_hook
+from ops.models.lm import EMBEDDED_MODEL, load_model
+from ops.saes.quality import evaluate_sae
+from ops.saes.training import collect_activations, make_training_sae, train_sae
 from ops.texts import read_many
 from workflows._config import parse_config
 

@@ -1,5 +1,5 @@
 -- The scores database (<lake>/scores.duckdb). Sections are named "-- name: <name>" and run one
--- at a time with bound parameters; ops/scoring.py wraps the writes in one transaction.
+-- at a time with bound parameters; ops/scoring/scores.py wraps the writes in one transaction.
 
 -- name: create_tables
 CREATE TABLE IF NOT EXISTS topics (

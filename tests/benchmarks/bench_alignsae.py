@@ -22,7 +22,7 @@ CONCEPTS = ROOT.parent / "shared" / "data" / "concepts.jsonl"
 
 
 def _default_sae() -> str:
-    from ops.saes import DEFAULT_SAE_DIR
+    from ops.saes.registry import DEFAULT_SAE_DIR
 
     if (DEFAULT_SAE_DIR / "cfg.json").is_file():
         return "default"

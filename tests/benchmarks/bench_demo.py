@@ -12,7 +12,7 @@ demo section of ``docs/results.md``. Every other option is the demo's own (``sae
 The demo reuses a complete lake and a scored topic from an earlier run in ``--out``; its set-up
 costs are then those of the earlier build (recorded in the lake's manifest). For a cold run, point
 ``--out`` at an empty directory. Nothing is tuned on the demo prompts: the recommendation rule
-(lowest distance within 1.5× orig's median perplexity) is fixed in ``ops.evaluation``.
+(lowest distance within 1.5× orig's median perplexity) is fixed in ``ops.evals.methods``.
 
 The perplexity ratio is the noisiest number: top-k sampling over many tokens amplifies any small
 change in the logits (another lake's embeddings, another revision), so one seed can move it

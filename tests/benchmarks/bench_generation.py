@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ops.generation import SamplingParams, generate
-from ops.models import load_model
-from ops.saes import DEFAULT_SAE_DIR, load_sae
-from ops.steering import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
+from ops.models.lm import load_model
+from ops.saes.registry import DEFAULT_SAE_DIR, load_sae
+from ops.steering.engine import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
+from ops.steering.generation import SamplingParams, generate
 from tests.benchmarks.machine import DATA, write_result
 
 PROMPT = "My heart is broken, so I should"
@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     cases: list[tuple[str, int, Callable[[], Any]]] = [
         ("HF generate, no hook", 1, hf_generate(None)),
         ("HF generate + swap hook", 1, hf_generate(specs["swap"])),
-        ("ops.generation, no hook", 1, ours(None)),
-        ("ops.generation, orig (no SAE work)", 1, ours(SteeringSpec("orig"))),
-        *[(f"ops.generation, {m}", 1, ours(s)) for m, s in specs.items()],
-        (f"ops.generation, no hook, batch {args.batch}", args.batch, ours(None, args.batch)),
-        (f"ops.generation, swap, batch {args.batch}", args.batch, ours(specs["swap"], args.batch)),
+        ("ops.steering.generation, no hook", 1, ours(None)),
+        ("ops.steering.generation, orig (no SAE work)", 1, ours(SteeringSpec("orig"))),
+        *[(f"ops.steering.generation, {m}", 1, ours(s)) for m, s in specs.items()],
+        (f"ops.steering.generation, no hook, batch {args.batch}", args.batch, ours(None, args.batch)),
+        (f"ops.steering.generation, swap, batch {args.batch}", args.batch, ours(specs["swap"], args.batch)),
     ]
     times: dict[str, list[float]] = {label: [] for label, _, _ in cases}
     for _ in range(args.repeats):  # round-robin, so that load drift hits every case alike
@@ -146,10 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         spt = sec / n
         print(f"{label:<42} {batch:>5} {spt:>9.4f} {batch * n / sec:>9.1f} {spt / base:>11.2f}")
     by = {label: sec for label, _, sec in rows}
-    swap_ratio = by["ops.generation, swap"] / rows[0][2]
-    tput1 = n / by["ops.generation, swap"]
-    tput8 = args.batch * n / by[f"ops.generation, swap, batch {args.batch}"]
-    print(f"\nswap (ops.generation) ÷ HF generate plain, batch 1: {swap_ratio:.3f}  (target ≤ 1.25)")
+    swap_ratio = by["ops.steering.generation, swap"] / rows[0][2]
+    tput1 = n / by["ops.steering.generation, swap"]
+    tput8 = args.batch * n / by[f"ops.steering.generation, swap, batch {args.batch}"]
+    print(f"\nswap (ops.steering.generation) ÷ HF generate plain, batch 1: {swap_ratio:.3f}  (target ≤ 1.25)")
     print(f"swap throughput batch {args.batch} ÷ batch 1: {tput8 / tput1:.2f}×  (target ≥ 4)")
     write_result(
         args.out,
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             ],
             "ratios": [
                 {
-                    "what": "Swap (ops.generation) ÷ HF generate with no hook, s/token, batch 1",
+                    "what": "Swap (ops.steering.generation) ÷ HF generate with no hook, s/token, batch 1",
                     "value": swap_ratio,
                     "goal": "≤ 1.25",
                     "met": swap_ratio <= 1.25,

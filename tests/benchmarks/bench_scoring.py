@@ -2,7 +2,7 @@
 
 Part A — a new topic on a lake of real text, embedder loaded: the reference pool's texts
 (``embedded:pool`` by default) embedded with MiniLM, the medical align texts, and the phases of
-``ops.scoring.score_topic`` (embed P_align, distances, DuckDB scoring, storage). With no built
+``ops.scoring.scores.score_topic`` (embed P_align, distances, DuckDB scoring, storage). With no built
 lake the activations are synthetic (``--lake`` takes a lake written by ``saealign build-lake``).
 Compare the paper (V100): per topic 62 s = embeddings 56 s + distances 2.4 s + scoring 3.7 s.
 
@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ops.lake import ACTIVATIONS, EMBEDDINGS, DatasetKey, Lake, prompt_id
+from ops.lake.contract import ACTIVATIONS, EMBEDDINGS, DatasetKey, Lake, prompt_id
 from tests.benchmarks.machine import DATA, write_result
 
 KEY = DatasetKey(model="bench-lm", sae="bench-sae", hook="blocks.6.hook_resid_post")
@@ -75,7 +75,7 @@ def synthetic_activations(ids: np.ndarray, d_sae: int, per_prompt: int, rng: np.
 
 def real_text_lake(root: Path, pool: str, d_sae: int, per_prompt: int) -> tuple[Lake, float]:
     """Embed the pool (MiniLM) and add synthetic activations; returns the lake and embed seconds."""
-    from ops.embedders import EMBEDDED_EMBEDDER, embed
+    from ops.models.embedders import EMBEDDED_EMBEDDER, embed
     from ops.texts import read_texts
 
     lake = Lake(str(root))
@@ -98,8 +98,8 @@ def real_text_lake(root: Path, pool: str, d_sae: int, per_prompt: int) -> tuple[
 
 
 def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from ops.embedders import EMBEDDED_EMBEDDER, load_embedder
-    from ops.scoring import dataset_key, lake_embedder, min_distances, resolve_dataset, score_topic
+    from ops.models.embedders import EMBEDDED_EMBEDDER, load_embedder
+    from ops.scoring.scores import dataset_key, lake_embedder, min_distances, resolve_dataset, score_topic
     from ops.texts import read_texts
 
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def synthetic_lake(root: Path, rows: int, d_sae: int, per_prompt: int, shard_row
 def run_duckdb(lake_uri: str, dist_path: str, power: float, min_support: int, opts: dict[str, Any]) -> dict:
     import duckdb
 
-    from ops.scoring import score_latents
+    from ops.scoring.scores import score_latents
 
     conn = duckdb.connect()
     conn.execute("SET threads = $t", {"t": opts["threads"]})
@@ -203,7 +203,7 @@ def run_duckdb(lake_uri: str, dist_path: str, power: float, min_support: int, op
 
 def run_numpy(lake_uri: str, dist_path: str, power: float, min_support: int, opts: dict[str, Any]) -> dict:
     """Streaming NumPy: per file, look up d by binary search, accumulate with bincount."""
-    from ops.lakequery import table_files
+    from ops.lake.query import table_files
 
     dist = pq.read_table(dist_path)
     t0 = time.perf_counter()
@@ -230,7 +230,7 @@ def run_pandas(lake_uri: str, dist_path: str, power: float, min_support: int, op
     """In-memory pandas: read everything, merge, group by latent."""
     import pandas as pd
 
-    from ops.lakequery import table_files
+    from ops.lake.query import table_files
 
     dist = pd.read_parquet(dist_path)
     t0 = time.perf_counter()

@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from ops.alignsae import collect_text_activations
-    from ops.concept_metrics import best_alpha, geometric_mean, swap_success
-    from ops.concept_swap import CentroidClassifier, concept_means, diffmean_specs, plan_swaps, run_trials
-    from ops.models import load_model
-    from ops.ontology import load_ontology, split_ontology
+    from ops.alignsae.metrics import best_alpha, geometric_mean, swap_success
+    from ops.alignsae.ontology import load_ontology, split_ontology
+    from ops.alignsae.swaps import CentroidClassifier, concept_means, diffmean_specs, plan_swaps, run_trials
+    from ops.alignsae.training import collect_text_activations
+    from ops.models.lm import load_model
 
     train, test = split_ontology(load_ontology(str(CONCEPTS)), 0.25, seed=0)
     model = load_model("smollm2-135m")

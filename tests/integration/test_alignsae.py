@@ -20,7 +20,7 @@ CONCEPTS = ("sentiment:positive", "sentiment:negative", "topic:sports")
 
 @pytest.fixture(scope="module")
 def model() -> Any:
-    from ops.models import load_model
+    from ops.models.lm import load_model
 
     return load_model()
 
@@ -28,7 +28,7 @@ def model() -> Any:
 @pytest.fixture(scope="module")
 def tiny_base(model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny TopK SAE (d_sae 256, k 16) trained for a moment on embedded pool text."""
-    from ops.sae_training import collect_activations, make_training_sae, train_sae
+    from ops.saes.training import collect_activations, make_training_sae, train_sae
     from ops.texts import read_texts
 
     out = tmp_path_factory.mktemp("tiny_base")
@@ -66,7 +66,7 @@ def _config(base: Path, out: Path, **overrides: Any) -> Any:
 
 
 def test_align_three_embedded_concepts(tiny_base: Path, model: Any, tmp_path: Path) -> None:
-    from ops.alignsae import load_aligned_sae
+    from ops.alignsae.training import load_aligned_sae
     from workflows.align_sae import build, format_report
 
     cpu = time.process_time()
@@ -110,9 +110,9 @@ def test_sae_not_matching_the_model_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_slot_swap_generation_on_the_embedded_model(tiny_base: Path, model: Any, tmp_path: Path) -> None:
-    from ops.alignsae import AlignedSAE, init_concept_slots, set_typical
-    from ops.concept_swap import generate_ids, slot_spec
-    from ops.saes import load_sae
+    from ops.alignsae.swaps import generate_ids, slot_spec
+    from ops.alignsae.training import AlignedSAE, init_concept_slots, set_typical
+    from ops.saes.registry import load_sae
 
     base = load_sae(str(tiny_base))
     aligned = AlignedSAE(base, ["a", "b"], {"a": "f", "b": "f"})

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import ray
 
-from ops.scoring import score_topic
+from ops.scoring.scores import score_topic
 from ops.texts import read_texts
 from tests.integration.test_browser import chromium, require_chromium
 from workflows import evaluate
@@ -114,7 +114,7 @@ def suite_report(report_dir: Path) -> dict[str, Any]:
 
 
 def test_suite_reports_every_setting_per_topic_and_pooled(suite_report: dict[str, Any]) -> None:
-    from ops.topic_suite import DEFAULT_SETTINGS
+    from ops.evals.topic_suite import DEFAULT_SETTINGS
 
     proto = suite_report["protocol"]
     assert sorted(proto["dev_prompts"] + proto["test_prompts"]) == list(range(5))

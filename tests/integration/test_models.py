@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ops.models import load_model
+from ops.models.lm import load_model
 
 SENTENCE = "The patient was admitted to the hospital with chest pain and shortness of breath."
 

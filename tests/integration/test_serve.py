@@ -32,7 +32,7 @@ TIMEOUT = 180.0
 
 def service_lake(base: Path) -> Path:
     """A lake with topics medical and sport under ``base`` (built once; needs a running Ray)."""
-    from ops.scoring import list_topics, score_topic
+    from ops.scoring.scores import list_topics, score_topic
     from ops.texts import read_texts
     from tests.conftest import make_topk_sae
     from workflows.build_lake import BuildLakeConfig, build

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from ops.activations import iter_batches, run_to_hook
-from ops.generation import SamplingParams, generate
-from ops.saes import DEFAULT_SAE_DIR, load_sae
-from ops.steering import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
+from ops.models.activations import iter_batches, run_to_hook
+from ops.saes.registry import DEFAULT_SAE_DIR, load_sae
+from ops.steering.engine import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
+from ops.steering.generation import SamplingParams, generate
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def hook(sae: Any) -> str:
 @pytest.fixture(scope="module")
 def medical_scores(embedded_model: Any, sae: Any, hook: str) -> torch.Tensor:
     """Spec §2 scores (avg summary, power 1) from 300 pool prompts and the medical texts."""
-    from ops.embedders import embed
+    from ops.models.embedders import embed
     from ops.texts import read_texts
 
     pool = read_texts("embedded:pool").texts[::5][:300]

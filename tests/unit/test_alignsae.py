@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from ops.alignsae import (
+from ops.alignsae.metrics import concept_auc
+from ops.alignsae.ontology import load_ontology, split_ontology
+from ops.alignsae.swaps import (
+    SwapTrial,
+    VanillaConceptSAE,
+    concept_means,
+    diffmean_specs,
+    generate_ids,
+    plan_swaps,
+    slot_spec,
+)
+from ops.alignsae.training import (
     AlignedSAE,
     AlignTrainConfig,
     check_base_sae,
@@ -19,20 +30,9 @@ from ops.alignsae import (
     set_typical,
     train_aligned,
 )
-from ops.concept_metrics import concept_auc
-from ops.concept_swap import (
-    SwapTrial,
-    VanillaConceptSAE,
-    concept_means,
-    diffmean_specs,
-    generate_ids,
-    plan_swaps,
-    slot_spec,
-)
 from ops.errors import SaealignError
-from ops.models import LanguageModel
-from ops.ontology import load_ontology, split_ontology
-from ops.steering import SteeringSpec, make_steerer
+from ops.models.lm import LanguageModel
+from ops.steering.engine import SteeringSpec, make_steerer
 
 D_IN, D_SAE = 16, 32
 CONCEPTS = ["fam:a", "fam:b", "other:c"]

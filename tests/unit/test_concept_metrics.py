@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ops.concept_metrics import (
+from ops.alignsae.metrics import (
     ReconTally,
     auc_matrix,
     best_alpha,

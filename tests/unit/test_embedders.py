@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ops.batching import length_batches
-from ops.embedders import embed
+from ops.models.embedders import embed
 
 
 def test_length_batches_cap_rows_and_padded_tokens() -> None:
@@ -41,8 +41,8 @@ def test_bf16_embeddings_stay_close_to_fp32_and_unit_length() -> None:
 
 
 def test_unknown_precision_is_refused() -> None:
-    from ops.embedders import resolve_precision
     from ops.errors import SaealignError
+    from ops.models.embedders import resolve_precision
 
     with pytest.raises(SaealignError, match="unknown embedding precision 'fp8'; fix: use one of fp32, bf16, auto"):
         resolve_precision("fp8")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.judges import JudgeUnavailableError, distinct_n, load_judge
+from ops.evals.judges import JudgeUnavailableError, distinct_n, load_judge
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "then", "it", "ran", "away", "very", "fast", "into", "garden"]
 

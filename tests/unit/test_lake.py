@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ops.errors import SaealignError
-from ops.lake import ACTIVATIONS, DatasetKey, Lake, prompt_id
-from ops.lake_build import latent_stats_table, prepare_pool
+from ops.lake.build import latent_stats_table, prepare_pool
+from ops.lake.contract import ACTIVATIONS, DatasetKey, Lake, prompt_id
 from ops.texts import TextTable
 
 KEY = DatasetKey("smollm2-135m", "default", "blocks.6.hook_resid_post")

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import ops.scoring as scoring
+import ops.scoring.scores as scoring
 from ops.errors import SaealignError
-from ops.lake import ACTIVATIONS, EMBEDDING_DIM, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
-from ops.lakequery import check_read_only, format_result, open_lake, run_query
+from ops.lake.contract import ACTIVATIONS, EMBEDDING_DIM, EMBEDDINGS, LATENT_STATS, PROMPTS, DatasetKey, Lake
+from ops.lake.query import check_read_only, format_result, open_lake, run_query
 from workflows import query as query_job
 
 KEY = DatasetKey(model="tiny-lm", sae="tiny-sae", hook="blocks.0.hook_resid_post")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from ops import models
 from ops.errors import ModelNotFoundError, SaealignError, SAEMismatchError
-from ops.models import LanguageModel
-from ops.saes import check_sae_fits, resolve_sae_path
+from ops.models import lm as models
+from ops.models.lm import LanguageModel
+from ops.saes.registry import check_sae_fits, resolve_sae_path
 from tests.conftest import make_topk_sae
 
 
@@ -79,7 +79,7 @@ def test_a_second_process_filling_the_model_cache_keeps_the_first_ones_copy(
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ops import models
+    from ops.models import lm as models
 
     class Tokenizer:
         def save_pretrained(self, path: Path) -> None:

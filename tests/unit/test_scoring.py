@@ -18,10 +18,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ops.scoring as scoring
+import ops.scoring.scores as scoring
 from ops.errors import SaealignError
-from ops.lake import ACTIVATIONS, EMBEDDING_DIM, EMBEDDINGS, PROMPTS, DatasetKey, Lake
-from ops.topk_check import firing_sets, min_ranks, score_ranks, token_latent_sets, topk_check
+from ops.lake.contract import ACTIVATIONS, EMBEDDING_DIM, EMBEDDINGS, PROMPTS, DatasetKey, Lake
+from ops.scoring.topk_check import firing_sets, min_ranks, score_ranks, token_latent_sets, topk_check
 from workflows import score as score_job
 
 KEY = DatasetKey(model="tiny-lm", sae="tiny-sae", hook="blocks.0.hook_resid_post")
@@ -423,9 +423,9 @@ def test_token_latent_sets_with_a_tiny_model() -> None:
 
 
 def test_score_check_job_with_stub_models(hand_lake: Lake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ops.models
-    import ops.saes
-    import ops.topk_check
+    import ops.models.lm
+    import ops.saes.registry
+    import ops.scoring.topk_check
 
     scoring.score_topic(hand_lake.uri, "medical", ["aligned one", "aligned two"], min_support=2)
     seen: list[list[str]] = []
@@ -435,10 +435,10 @@ def test_score_check_job_with_stub_models(hand_lake: Lake, tmp_path: Path, monke
         latent = 0 if texts[0].startswith("aligned") else 5
         return [np.array([latent])] * 4
 
-    monkeypatch.setattr(ops.models, "load_model", lambda name, device="cpu": name)
-    monkeypatch.setattr(ops.saes, "load_sae", lambda spec, device="cpu": spec)
-    monkeypatch.setattr(ops.saes, "check_sae_fits", lambda sae, model, hook: hook)
-    monkeypatch.setattr(ops.topk_check, "token_latent_sets", fake_sets)
+    monkeypatch.setattr(ops.models.lm, "load_model", lambda name, device="cpu": name)
+    monkeypatch.setattr(ops.saes.registry, "load_sae", lambda spec, device="cpu": spec)
+    monkeypatch.setattr(ops.saes.registry, "check_sae_fits", lambda sae, model, hook: hook)
+    monkeypatch.setattr(ops.scoring.topk_check, "token_latent_sets", fake_sets)
     unaligned = tmp_path / "u.jsonl"
     unaligned.write_text('{"text": "other"}\n')
     argv = ["--check", "--lake", hand_lake.uri, "--topic", "medical", "--unaligned-file", str(unaligned)]

@@ -13,16 +13,8 @@ import pytest
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.generation import (
-    MAX_NEW_TOKENS_LIMIT,
-    SamplingParams,
-    TokenEvent,
-    cache_keyword,
-    continuation_perplexities,
-    generate,
-)
-from ops.models import LanguageModel, hooked_from_llama
-from ops.steering import (
+from ops.models.lm import LanguageModel, hooked_from_llama
+from ops.steering.engine import (
     BatchSteerer,
     SAEView,
     SteeringSpec,
@@ -32,6 +24,14 @@ from ops.steering import (
     steering_hook,
     swap_acts,
     tl_steering_hook,
+)
+from ops.steering.generation import (
+    MAX_NEW_TOKENS_LIMIT,
+    SamplingParams,
+    TokenEvent,
+    cache_keyword,
+    continuation_perplexities,
+    generate,
 )
 
 D_MODEL, D_SAE, VOCAB, LAYER = 32, 64, 64, 1
@@ -596,12 +596,12 @@ def test_generate_config_validation() -> None:
 
 
 def test_generate_rejects_topic_scored_with_another_sae(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    import ops.scoring
+    import ops.scoring.scores
     from workflows.generate import GenerateConfig, load_scores, read_prompts
 
     (tmp_path / "cfg.json").write_text("{}")
     meta = {"sae": "some_other_sae", "model": "smollm2-135m", "hook": HOOK}
-    monkeypatch.setattr(ops.scoring, "topic_scores", lambda lake, topic, dataset=None: (np.zeros(D_SAE), meta))
+    monkeypatch.setattr(ops.scoring.scores, "topic_scores", lambda lake, topic, dataset=None: (np.zeros(D_SAE), meta))
     cfg = GenerateConfig(prompt=("hi",), topic="medical", sae=str(tmp_path))
     with pytest.raises(SAEMismatchError, match="scored with SAE 'some_other_sae'"):
         load_scores(cfg, None)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ops.summaries import sparse_rows, summarise
+from ops.lake.summaries import sparse_rows, summarise
 
 ACTS = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 1.0], [2.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
 PROMPT = torch.tensor([0, 0, 1, 2])  # prompt 2 has one token with nothing firing

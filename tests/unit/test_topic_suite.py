@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ops import topic_suite as ts
 from ops.errors import SaealignError
+from ops.evals import topic_suite as ts
 
 
 def _topic(name: str = "t", d_sae: int = 8, d_model: int = 4) -> ts.SuiteTopic:

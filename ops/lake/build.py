@@ -17,13 +17,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from ops.activations import iter_batches, run_to_hook
-from ops.embedders import Precision, embed
 from ops.errors import SaealignError
-from ops.lake import EMBEDDINGS, LATENT_STATS, PROMPTS, prompt_id
-from ops.models import load_model
-from ops.saes import check_sae_fits, load_sae
-from ops.summaries import sparse_rows, summarise
+from ops.lake.contract import EMBEDDINGS, LATENT_STATS, PROMPTS, prompt_id
+from ops.lake.summaries import sparse_rows, summarise
+from ops.models.activations import iter_batches, run_to_hook
+from ops.models.embedders import Precision, embed
+from ops.models.lm import load_model
+from ops.saes.registry import check_sae_fits, load_sae
 from ops.texts import TextTable
 
 

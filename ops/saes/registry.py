@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.models import LanguageModel
+from ops.models.lm import LanguageModel
 from ops.paths import DATA_DIR
 
 DEFAULT_SAE_DIR = DATA_DIR / "sae" / "default"

@@ -1,7 +1,7 @@
 """Steered generation through the Hugging Face model: KV cache, left padding, per-row specs.
 
 :func:`generate` tokenizes the prompts, left-pads each batch, runs one prefill and then one
-KV-cached decode step per new token on ``model.hf`` inside :func:`ops.steering.steering_hook`,
+KV-cached decode step per new token on ``model.hf`` inside :func:`ops.steering.engine.steering_hook`,
 so the hook (a native PyTorch forward hook on decoder layer L) steers the prompt and every
 generated token. Sampling: greedy, or top-k (default 5) with a temperature; each row draws from
 its own seeded generator, so a row's sample does not depend on the other rows of its batch.
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.models import LanguageModel
-from ops.steering import SteeringRecord, SteeringSpec, special_ids_of, steering_hook
+from ops.models.lm import LanguageModel
+from ops.steering.engine import SteeringRecord, SteeringSpec, special_ids_of, steering_hook
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ops.activations import iter_batches, run_to_hook
 from ops.errors import SaealignError
-from ops.models import LanguageModel
-from ops.steering import SAEView
+from ops.models.activations import iter_batches, run_to_hook
+from ops.models.lm import LanguageModel
+from ops.steering.engine import SAEView
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class AlignedSAE(nn.Module):
         return self.decode(self.encode(x))
 
     def steering_view(self) -> AlignedView:
-        """How the steering hook runs this SAE (``ops.steering.latent_view``)."""
+        """How the steering hook runs this SAE (``ops.steering.engine.latent_view``)."""
         return AlignedView(self, SAEView.of(self.base))
 
     def save(self, path: Path) -> None:

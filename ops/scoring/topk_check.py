@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ops.activations import iter_batches, run_to_hook
 from ops.errors import SaealignError
-from ops.models import LanguageModel
+from ops.models.activations import iter_batches, run_to_hook
+from ops.models.lm import LanguageModel
 
 
 @dataclass(frozen=True)

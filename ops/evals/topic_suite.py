@@ -15,7 +15,7 @@ Protocol (AxBench's split, applied to paper A's metrics):
    topic than orig, the win rate against prompting and the perplexity ratio, each with a
    bootstrap 95 % interval over prompts (pooled: resampled within each topic), and distinct-2.
 
-Fluency is judged by one perplexity judge (:mod:`ops.judges`): by default a second LM, not the
+Fluency is judged by one perplexity judge (:mod:`ops.evals.judges`): by default a second LM, not the
 steered model's own unsteered twin, which favours doing nothing. It scores the first
 ``judge_tokens`` tokens of every dev row and of the first seed's test rows.
 
@@ -38,12 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ops.errors import SaealignError
-from ops.evaluation import continuation_embeddings, prompting_prefix
-from ops.generation import GenerationResult, SamplingParams, generate
-from ops.judges import PerplexityJudge, distinct_n
-from ops.models import LanguageModel
-from ops.scoring import min_distances
-from ops.steering import SteeringSpec
+from ops.evals.judges import PerplexityJudge, distinct_n
+from ops.evals.methods import continuation_embeddings, prompting_prefix
+from ops.models.lm import LanguageModel
+from ops.scoring.scores import min_distances
+from ops.steering.engine import SteeringSpec
+from ops.steering.generation import GenerationResult, SamplingParams, generate
 
 log = logging.getLogger(__name__)
 

@@ -236,7 +236,7 @@ class LatentView(Protocol):
 
 def latent_view(sae: Any) -> LatentView:
     """The view of ``sae`` the hook runs: its own ``steering_view()`` when it has one (an SAE with
-    extra slots, e.g. ``ops.alignsae.AlignedSAE``), else :meth:`SAEView.of` (an sae-lens SAE)."""
+    extra slots, e.g. ``ops.alignsae.training.AlignedSAE``), else :meth:`SAEView.of` (an sae-lens SAE)."""
     own = getattr(sae, "steering_view", None)
     return own() if callable(own) else SAEView.of(sae)
 

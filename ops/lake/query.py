@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ops.errors import SaealignError
-from ops.lake import TABLES, DatasetKey, Lake
+from ops.lake.contract import TABLES, DatasetKey, Lake
 
 log = logging.getLogger(__name__)
 

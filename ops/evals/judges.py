@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from ops.errors import SaealignError
-from ops.generation import perplexities_of_ids
 from ops.paths import cache_dir
+from ops.steering.generation import perplexities_of_ids
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class PerplexityJudge:
     ) -> list[float]:
         """exp(mean NLL) of each continuation's first ``max_tokens`` judge tokens (0 = all) given its
         prompt; NaN for an empty continuation. Rows are batched by length for
-        :func:`ops.generation.perplexities_of_ids`."""
+        :func:`ops.steering.generation.perplexities_of_ids`."""
         if len(prompts) != len(continuations):
             raise SaealignError(f"{len(prompts)} prompts for {len(continuations)} continuations")
         tok = self.tokenizer
@@ -85,7 +85,7 @@ class PerplexityJudge:
 
 def load_judge(name: str = DEFAULT_JUDGE, own: Any = None) -> PerplexityJudge:
     """``gemma3-270m``, ``path:<local Hugging Face causal-LM directory>`` or ``own`` (the
-    :class:`ops.models.LanguageModel` ``own``, unsteered)."""
+    :class:`ops.models.lm.LanguageModel` ``own``, unsteered)."""
     if name == "own":
         if own is None:
             raise JudgeUnavailableError("the 'own' judge needs the steered model; fix: pass it")
@@ -111,7 +111,7 @@ def _from_dir(name: str, directory: Path) -> PerplexityJudge:
 
 def _gemma_files() -> Path:
     """The float32 cache of Gemma-3 270M, filled from the package's GGUF chunks on first use."""
-    from ops.models import materialise_gguf
+    from ops.models.lm import materialise_gguf
 
     if importlib.util.find_spec(_GEMMA_PACKAGE) is None:
         raise JudgeUnavailableError(

@@ -2,7 +2,7 @@
 
 For a text of concept A: zero slot A, set slot B to α × B's typical activation (its mean on B's
 training texts), decode, and write the result back at the hook. The edit is a ``set`` spec of
-the one intervention engine (:mod:`ops.steering`), so it follows the engine's rules: every
+the one intervention engine (:mod:`ops.steering.engine`), so it follows the engine's rules: every
 steered position (prompt and generated tokens, KV-cached steps included; never the first
 position, special tokens or padding), any mix of specs per batch row. ``keep_error`` (default
 True) adds back the SAE error ``x − x̂``, so only the edited slots change the residual stream;
@@ -14,7 +14,7 @@ embedded with MiniLM and classified by the nearest centroid among the concepts o
 (centroids of their training texts); a swap succeeds when it is classified as B. Perplexity of
 the continuation is measured under the unsteered model, and an α qualifies when the geometric
 mean over its continuations is at most (1 + bound) × that of the unsteered continuations of the
-same prompts (``ops.concept_metrics.best_alpha``: one sample's perplexity is too noisy to judge).
+same prompts (``ops.alignsae.metrics.best_alpha``: one sample's perplexity is too noisy to judge).
 """
 
 from __future__ import annotations
@@ -29,15 +29,15 @@ import numpy as np
 import torch
 
 from ops.errors import SaealignError
-from ops.generation import SamplingParams, continuation_perplexities, decode_loop, left_pad
-from ops.models import LanguageModel
-from ops.steering import SAEView, SteeringSpec, special_ids_of, steering_hook
+from ops.models.lm import LanguageModel
+from ops.steering.engine import SAEView, SteeringSpec, special_ids_of, steering_hook
+from ops.steering.generation import SamplingParams, continuation_perplexities, decode_loop, left_pad
 
 log = logging.getLogger(__name__)
 
 
 class ConceptSAE(Protocol):
-    """An SAE with one named slot per concept: :class:`ops.alignsae.AlignedSAE` or
+    """An SAE with one named slot per concept: :class:`ops.alignsae.training.AlignedSAE` or
     :class:`VanillaConceptSAE`."""
 
     @property
@@ -109,9 +109,9 @@ def generate_ids(
     sae: Any | None = None,
     specs: Sequence[SteeringSpec] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt with the project's decode loop (``ops.generation.decode_loop``:
+    """Continue each prompt with the project's decode loop (``ops.steering.generation.decode_loop``:
     batched, KV cache, one sampling generator per row), steered by ``specs`` (one per prompt) at
-    ``hook`` through the one intervention engine (:func:`ops.steering.steering_hook`). ``seed``
+    ``hook`` through the one intervention engine (:func:`ops.steering.engine.steering_hook`). ``seed``
     None or ``top_k`` 1 = greedy; else top-k sampling with every row seeded by ``seed``. Returns
     the new token ids per prompt, cut after the first EOS."""
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -147,7 +147,7 @@ class CentroidClassifier:
 
     @classmethod
     def fit(cls, texts_by_concept: Mapping[str, Sequence[str]], embedder: str | None = None) -> CentroidClassifier:
-        from ops.embedders import EMBEDDED_EMBEDDER, embed
+        from ops.models.embedders import EMBEDDED_EMBEDDER, embed
 
         name = embedder or EMBEDDED_EMBEDDER
         cents = []
@@ -158,7 +158,7 @@ class CentroidClassifier:
 
     def predict(self, texts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[str]:
         """For each text, the nearest of its candidate concepts ('' for an empty text)."""
-        from ops.embedders import embed
+        from ops.models.embedders import embed
 
         sims = embed(list(texts), self.embedder) @ self.centroids.T if texts else np.zeros((0, 0))
         index = {c: j for j, c in enumerate(self.concepts)}

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ops.activations import TokenBatch, iter_batches, run_to_hook
-from ops.models import LanguageModel
-from ops.steering import hook_layer
+from ops.models.activations import TokenBatch, iter_batches, run_to_hook
+from ops.models.lm import LanguageModel
+from ops.steering.engine import hook_layer
 
 
 @dataclass(frozen=True)

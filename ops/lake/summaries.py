@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ops.errors import SaealignError
-from ops.lake import ACTIVATIONS
+from ops.lake.contract import ACTIVATIONS
 
 
 def summarise(acts: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int, kind: str) -> torch.Tensor:

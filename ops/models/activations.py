@@ -1,6 +1,6 @@
 """Hook activations from a language model: batching, position masks, running to one hook.
 
-One rule everywhere (``ops.steering.protected_positions``): the first position and special
+One rule everywhere (``ops.steering.engine.protected_positions``): the first position and special
 tokens (BOS, EOS, pad) are excluded from SAE training, prompt summaries and interventions. They
 carry the attention-sink activation, an outlier the SAE reconstructs poorly.
 """
@@ -14,8 +14,8 @@ import torch
 
 from ops.batching import length_batches
 from ops.errors import SaealignError
-from ops.models import LanguageModel
-from ops.steering import hook_activations, hook_layer, protected_positions, special_ids_of
+from ops.models.lm import LanguageModel
+from ops.steering.engine import hook_activations, hook_layer, protected_positions, special_ids_of
 
 
 def check_hook(model: LanguageModel, hook_name: str) -> int:

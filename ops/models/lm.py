@@ -159,7 +159,7 @@ def _smollm2_cache(gguf: Path) -> Path:
 
 def materialise_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF model to float32 and write model + tokenizer to ``target`` atomically
-    (the embedded LM, and the fluency judge of :mod:`ops.judges`)."""
+    (the embedded LM, and the fluency judge of :mod:`ops.evals.judges`)."""
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -24,13 +24,13 @@ import numpy as np
 import pyarrow.dataset as pads
 import torch
 
-from ops.activations import iter_batches, run_to_hook
-from ops.embedders import embed
-from ops.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
-from ops.lake import DatasetKey, Lake
-from ops.models import LanguageModel
-from ops.scoring import min_distances
-from ops.steering import METHODS, SteeringSpec
+from ops.lake.contract import DatasetKey, Lake
+from ops.models.activations import iter_batches, run_to_hook
+from ops.models.embedders import embed
+from ops.models.lm import LanguageModel
+from ops.scoring.scores import min_distances
+from ops.steering.engine import METHODS, SteeringSpec
+from ops.steering.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -32,20 +31,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ops.embedders import embed
 from ops.errors import SaealignError, TopicExistsError
-from ops.lake import DatasetKey, Lake
-from ops.lakequery import (
+from ops.lake.contract import DatasetKey, Lake
+from ops.lake.query import (
     connect_read_only,
     duckdb_paths,
     local_scores_db,
     require_files,
     scores_db_path,
 )
+from ops.models.embedders import embed
+from ops.paths import SQL_DIR
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent / "sql"
 SCORES = pa.schema(
     [
         ("topic", pa.string()),
