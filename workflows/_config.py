@@ -3,7 +3,12 @@
 Each job declares ``@dataclass(frozen=True) class XConfig`` whose fields carry a docstring (a
 string literal right under the field). ``parse_config(XConfig, argv)`` turns the fields into
 ``--kebab-case`` options with those docstrings as help, so the CLI never drifts from the config.
-A field with ``metadata={"positional": True}`` becomes a positional argument.
+A field with ``metadata={"positional": True}`` becomes a positional argument, one with
+``metadata={"remainder": True}`` takes every argument after the positionals (``submit``'s job
+arguments). A field whose type is itself a config dataclass (e.g. ``SamplingParams``, declared once
+in ``ops/``) is flattened: its fields become options of the command under their own names, and
+``parse_config`` builds the nested instance from them. Two options of one command may not share a
+name.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], tp: Any, doc: str) -> None:
     tp = _unwrap_optional(tp)
+    if f.metadata.get("remainder", False):
+        parser.add_argument(f.name, nargs=argparse.REMAINDER, help=doc.replace("%", "%%"))
+        return
     positional = f.metadata.get("positional", False)
     name = f.name if positional else "--" + f.name.replace("_", "-")
     default = f.default if f.default is not dataclasses.MISSING else None
@@ -78,23 +86,72 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], tp: A
     parser.add_argument(name, **kwargs)
 
 
-def build_parser(cls: type, prog: str, description: str | None = None) -> argparse.ArgumentParser:
+def _nested(tp: Any) -> type | None:
+    """The config dataclass a field nests, or None for a plain option."""
+    tp = _unwrap_optional(tp)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _leaves(cls: type, seen: dict[str, str] | None = None, owner: str = "") -> list[tuple[dataclasses.Field[Any], Any]]:
+    """Every plain option of ``cls``, nested configs flattened, with its type; raises on a name clash."""
+    seen = {} if seen is None else seen
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[dataclasses.Field[Any], Any]] = []
+    for f in dataclasses.fields(cls):
+        sub = _nested(hints[f.name])
+        if sub is not None:
+            out += _leaves(sub, seen, f"{owner}{f.name}.")
+            continue
+        if f.name in seen:
+            raise TypeError(f"{cls.__name__}: option '{f.name}' declared twice ({seen[f.name]} and {owner}{f.name})")
+        seen[f.name] = f"{owner}{f.name}"
+        out.append((f, hints[f.name]))
+    return out
+
+
+def _docs_of(cls: type) -> dict[str, str]:
+    """Field docstrings of ``cls`` and of every config it nests."""
+    hints = typing.get_type_hints(cls)
+    docs: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        sub = _nested(hints[f.name])
+        if sub is not None:
+            docs.update(_docs_of(sub))
+    docs.update(field_docs(cls))
+    return docs
+
+
+def build_parser(
+    cls: type, prog: str, description: str | None = None, epilog: str | None = None
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (inspect.getdoc(cls) or "").split("\n\n")[0],
+        epilog=epilog,
     )
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        _add_field(parser, f, hints[f.name], docs.get(f.name, ""))
+    docs = _docs_of(cls)
+    for f, tp in _leaves(cls):
+        _add_field(parser, f, tp, docs.get(f.name, ""))
     return parser
 
 
-def parse_config(cls: type[T], argv: list[str] | None, prog: str) -> T:
-    """Parse ``argv`` into a ``cls`` instance (its ``__post_init__`` validates)."""
-    ns = build_parser(cls, prog).parse_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def _build(cls: type[T], values: dict[str, Any]) -> T:
+    """An instance of ``cls`` from the parsed flat ``values`` (nested configs built first)."""
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        if isinstance(values[f.name], list) and isinstance(f.default, tuple):
-            values[f.name] = tuple(values[f.name])
-    return cls(**values)
+        sub = _nested(hints[f.name])
+        if sub is not None:
+            kwargs[f.name] = _build(sub, values)
+            continue
+        value = values[f.name]
+        if isinstance(value, list) and (isinstance(f.default, tuple) or get_origin(hints[f.name]) is tuple):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def parse_config(cls: type[T], argv: list[str] | None, prog: str, epilog: str | None = None) -> T:
+    """Parse ``argv`` into a ``cls`` instance (its ``__post_init__`` validates)."""
+    ns = build_parser(cls, prog, epilog=epilog).parse_args(argv)
+    return _build(cls, vars(ns))

@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,7 +67,7 @@ from ops.alignsae.training import (
 )
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
-from ops.models.lm import EMBEDDED_MODEL, LanguageModel, load_model
+from ops.models.lm import EMBEDDED_MODEL, LanguageModel, load_model, resolve_device
 from ops.saes.registry import check_sae_fits, load_sae
 from ops.steering.engine import SteeringSpec
 from ops.texts import read_many
@@ -107,28 +107,8 @@ class AlignSAEConfig:
     """Text-level activation: the hook vector averaged over counted positions, or the last one."""
     context: int = 128
     """Tokens per text (longer texts are truncated)."""
-    stage1_steps: int = 100
-    """Stage 1 steps: reconstruction only."""
-    stage2_steps: int = 400
-    """Stage 2 steps: reconstruction + binding (+ decorrelation)."""
-    batch_tokens: int = 1024
-    """Token activations per step (reconstruction)."""
-    batch_texts: int = 256
-    """Pooled texts per step (binding)."""
-    lr: float = 1e-3
-    """Adam learning rate of the concept slots."""
-    lr_free: float = 5e-5
-    """Adam learning rate of the pre-trained (free) SAE parameters."""
-    lambda_align: float = 1.0
-    """Weight of the binding loss (BCE per concept slot)."""
-    lambda_token: float = 0.5
-    """Weight of the per-token binding loss (each token of a labelled text takes the text's label)."""
-    lambda_indep: float = 0.0
-    """Weight of the decorrelation loss between concept and free slots (0 = off)."""
-    sparsity: float = 0.01
-    """L1 weight on free slots for ReLU/JumpReLU bases (TopK needs none)."""
-    train_concept_decoder: bool = True
-    """Let reconstruction train the concept slots' decoder rows (else they keep their mean-difference init)."""
+    train: AlignTrainConfig = field(default_factory=AlignTrainConfig)
+    """Post-training hyper-parameters (their options: --stage1-steps … --train-concept-decoder)."""
     mi_bins: int = 4
     """Bins for the entanglement index: 1 inactive bin + equal-frequency bins of active values."""
     swap_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
@@ -153,20 +133,10 @@ class AlignSAEConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
 
     def __post_init__(self) -> None:
-        if self.stage1_steps < 0 or self.stage2_steps <= 0:
-            raise SaealignError("--stage2-steps must be positive and --stage1-steps not negative")
-        if self.batch_tokens <= 0 or self.batch_texts <= 0 or self.context < 2:
-            raise SaealignError("--batch-tokens and --batch-texts must be positive and --context at least 2")
+        if self.context < 2:
+            raise SaealignError("--context must be at least 2")
         if any(a <= 0 for a in self.swap_alphas):
             raise SaealignError("--swap-alphas must be positive")
-
-    def train_config(self) -> AlignTrainConfig:
-        keys = AlignTrainConfig.__dataclass_fields__
-        return AlignTrainConfig(**{k: v for k, v in asdict(self).items() if k in keys})
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 @dataclass
@@ -248,7 +218,7 @@ def _align(
         tokens.append(data.acts["generic"].tokens)
         token_labels_all.append(np.full(len(data.acts["generic"].tokens), -1))
     history = train_aligned(
-        aligned, torch.cat(tokens), np.concatenate(token_labels_all), pooled, labels, cfg.train_config()
+        aligned, torch.cat(tokens), np.concatenate(token_labels_all), pooled, labels, cfg.train, cfg.seed
     )
     set_typical(aligned, pooled, labels)
     return aligned, history
@@ -379,7 +349,7 @@ def _vs_vanilla(report: dict[str, Any]) -> dict[str, float]:
 def build(cfg: AlignSAEConfig) -> dict[str, Any]:
     """Run the job; returns the report (also written to <out>/report.json)."""
     wall = time.perf_counter()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, device=device)
     base = load_sae(cfg.sae, device=device)

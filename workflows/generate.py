@@ -17,17 +17,17 @@ import json
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.models.lm import EMBEDDED_MODEL, load_model
+from ops.models.lm import EMBEDDED_MODEL, load_model, resolve_device
 from ops.saes.registry import load_sae, sae_id
-from ops.steering.engine import METHODS, SCORED_METHODS, SteeringSpec, check_scores_sae
+from ops.steering.engine import METHODS, SCORED_METHODS, SteeringOptions, SteeringSpec, check_scores_sae
 from ops.steering.generation import GenerationResult, SamplingParams, check_prompts, generate
 from workflows._config import parse_config
 
@@ -63,28 +63,10 @@ class GenerateConfig:
     """SAE: 'default', a sae-lens directory, or saelens:<release>/<sae_id>."""
     hook: str | None = None
     """Hook to steer at (default: the SAE's own hook)."""
-    max_new_tokens: int = 64
-    """Tokens to generate per prompt."""
-    greedy: bool = False
-    """Greedy decoding instead of top-k sampling."""
-    top_k: int = 5
-    """Sample among the k most likely tokens (0 = all)."""
-    temperature: float = 1.0
-    """Sampling temperature."""
-    seed: int = 0
-    """Sampling seed (every row uses it, so methods are compared on the same random stream)."""
-    clamp_k: int = 5
-    """Clamp: number of top-scored latents clamped."""
-    clamp_factor: float = 10.0
-    """Clamp: factor (multiply) or added value (add)."""
-    clamp_mode: Literal["multiply", "add"] = "multiply"
-    """Clamp: multiply the activation (paper text) or add to it (public code)."""
-    strength: float = 1.0
-    """Swap/weight: scores used = 1 - strength * (1 - score)."""
-    keep_error: bool = False
-    """Add back the SAE error x - x' (every method but orig)."""
-    include_first: bool = False
-    """Steer the first position and special tokens too (default: untouched)."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """How tokens are drawn (options --max-new-tokens … --stop-at-eos, declared in ops.steering.generation)."""
+    steering: SteeringOptions = field(default_factory=SteeringOptions)
+    """The methods' shared options (--clamp-k … --include-first, declared in ops.steering.engine)."""
     diffmean_scale: float = 4.0
     """DiffMean: scale of the vector (mean align-text activation - mean reference activation)."""
     batch_size: int = 8
@@ -108,16 +90,6 @@ class GenerateConfig:
             raise SaealignError("pass either --topic or --scores-file, not both")
         if self.batch_size < 1:
             raise SaealignError(f"--batch-size must be at least 1, got {self.batch_size}")
-        self.sampling()  # validates max_new_tokens, top_k, temperature
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            greedy=self.greedy,
-            top_k=self.top_k,
-            temperature=self.temperature,
-            seed=self.seed,
-        )
 
     def methods(self) -> list[str]:
         chosen = list(dict.fromkeys(self.method))
@@ -128,9 +100,10 @@ class GenerateConfig:
         if method == "diffmean":
             assert diffmean is not None
             return SteeringSpec(
-                vector=self.diffmean_scale * diffmean, include_first=self.include_first, topic=self.topic
+                vector=self.diffmean_scale * diffmean, include_first=self.steering.include_first, topic=self.topic
             )
-        return SteeringSpec.for_method(method, None if scores is None else torch.from_numpy(scores), self, self.topic)
+        scores_t = None if scores is None else torch.from_numpy(scores)
+        return SteeringSpec.for_method(method, scores_t, self.steering, self.topic)
 
 
 def read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -171,18 +144,12 @@ def load_scores(cfg: GenerateConfig, hook: str | None) -> tuple[np.ndarray | Non
     return scores, meta
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def build(cfg: GenerateConfig) -> dict[str, Any]:
     """Run the job; returns {"methods", "results": [GenerationResult...], "scores_meta"}."""
     prompts = read_prompts(cfg)
     scores, meta = load_scores(cfg, cfg.hook)
     methods = cfg.methods()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device)
     hook = cfg.hook or meta.get("hook")
     diffmean = _diffmean(cfg, model, hook) if "diffmean" in methods else None
@@ -195,7 +162,7 @@ def build(cfg: GenerateConfig) -> dict[str, Any]:
         [p for p, _ in rows],
         [specs[m] for _, m in rows],
         hook_name=hook,
-        params=cfg.sampling(),
+        params=cfg.sampling,
         batch_size=cfg.batch_size,
     )
     results = [replace(r, method=m) for r, (_, m) in zip(results, rows, strict=True)]  # diffmean runs as orig + vector

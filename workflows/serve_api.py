@@ -13,14 +13,19 @@ Errors, for every endpoint, use the OpenAI error shape so that OpenAI clients re
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from ops.errors import SaealignError
+from ops.steering import engine
 from ops.steering.engine import SCORED_METHODS
 from ops.steering.generation import MAX_NEW_TOKENS_LIMIT
+from workflows._config import field_docs
 
 Method = Literal["orig", "sae", "clamp", "swap", "weight"]
 
@@ -52,21 +57,48 @@ class RequestLimitError(ValueError):
         self.message = message
 
 
-class SteeringOptions(BaseModel):
-    """Options of the steering spec (docs/algorithms.md §3); defaults as in ``ops.steering.engine.SteeringSpec``."""
+OPTION_CAPS: dict[str, dict[str, float]] = {
+    "clamp_k": {"ge": 1, "le": 4096},
+    "clamp_factor": {"ge": 0, "le": 1e4},
+    "strength": {"ge": 0, "le": 100},
+}
+"""The service's hard caps on steering options (the options are declared once, in
+``ops.steering.engine.SteeringOptions``; this body is built from that dataclass)."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    clamp_k: int = Field(default=5, ge=1, le=4096, description="Clamp: how many top-scored latents are clamped.")
-    clamp_factor: float = Field(
-        default=10.0, ge=0, le=1e4, description="Clamp: factor (multiply) or added value (add)."
+def body_of(options: type, caps: dict[str, dict[str, float]]) -> type[BaseModel]:
+    """A request body (pydantic, unknown fields forbidden) with the fields of the config dataclass
+    ``options``: same names, types, defaults and docstrings, bounded by ``caps``; the dataclass's own
+    checks run on every body."""
+    hints, docs = typing.get_type_hints(options), field_docs(options)
+    body_fields: dict[str, Any] = {
+        f.name: (hints[f.name], Field(f.default, description=docs.get(f.name), **caps.get(f.name, {})))  # type: ignore[call-overload]
+        for f in dataclasses.fields(options)
+    }
+
+    def check(body: BaseModel) -> BaseModel:
+        try:
+            options(**body.model_dump())
+        except SaealignError as exc:
+            raise ValueError(str(exc)) from exc
+        return body
+
+    validators: dict[str, Any] = {"check": model_validator(mode="after")(check)}
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        options.__name__,
+        __config__=ConfigDict(extra="forbid"),
+        __doc__=options.__doc__,
+        __validators__=validators,
+        **body_fields,
     )
-    clamp_mode: Literal["multiply", "add"] = "multiply"
-    strength: float = Field(
-        default=1.0, ge=0, le=100, description="Swap/weight: scores used = 1 - strength * (1 - score)."
-    )
-    keep_error: bool = Field(default=False, description="Add back the SAE error x - x' (every method but orig).")
-    include_first: bool = Field(default=False, description="Steer the first position and special tokens too.")
+
+
+class SteeringOptions(body_of(engine.SteeringOptions, OPTION_CAPS)):  # type: ignore[misc]
+    """The ``options`` of a request: :class:`ops.steering.engine.SteeringOptions` as a body (docs/algorithms.md §3)."""
+
+    def settings(self) -> engine.SteeringOptions:
+        """The engine's options."""
+        return engine.SteeringOptions(**self.model_dump())
 
 
 class _Sampling(BaseModel):

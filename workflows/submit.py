@@ -25,7 +25,6 @@ shards, so a retried or resubmitted job never duplicates rows.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -33,10 +32,9 @@ import os
 import shlex
 import sys
 import time
-import typing
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,7 +42,7 @@ from typing import Any, TextIO
 import yaml
 
 from ops.errors import SaealignError
-from workflows._config import _add_field, field_docs, parse_config
+from workflows._config import parse_config
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +68,7 @@ class SubmitConfig:
 
     job: str = field(metadata={"positional": True})
     """The saealign job to run on the cluster (e.g. build-lake, score, train-sae)."""
-    job_args: tuple[str, ...] = ()
+    job_args: tuple[str, ...] = field(default=(), metadata={"remainder": True})
     """Everything after the job name: passed unchanged to `saealign <job>` on the cluster."""
     address: str = ""
     """Ray dashboard address (http://HOST:8265); empty = $RAY_API_SERVER_ADDRESS, an http(s)
@@ -118,20 +116,8 @@ class JobsConfig:
 
 def parse_submit(argv: list[str] | None) -> SubmitConfig:
     """``[options] <job> [job args...]``: options before the job name are submit's, the rest pass through."""
-    parser = argparse.ArgumentParser(
-        prog="saealign submit",
-        description=(SubmitConfig.__doc__ or "").strip(),
-        epilog="Options of `saealign submit` go before the job name; everything after it goes to the job.",
-    )
-    hints, docs = typing.get_type_hints(SubmitConfig), field_docs(SubmitConfig)
-    for f in fields(SubmitConfig):
-        if f.name == "job_args":
-            parser.add_argument("job_args", nargs=argparse.REMAINDER, help=docs[f.name])
-        else:
-            _add_field(parser, f, hints[f.name], docs.get(f.name, ""))
-    ns = parser.parse_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in fields(SubmitConfig)}
-    return SubmitConfig(**{**values, "job_args": tuple(values["job_args"])})
+    epilog = "Options of `saealign submit` go before the job name; everything after it goes to the job."
+    return parse_config(SubmitConfig, argv, "saealign submit", epilog=epilog)
 
 
 # -- the dashboard: address, reachability, authentication -----------------------------------------

@@ -29,7 +29,7 @@ import torch
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
 from ops.models.activations import check_hook
-from ops.models.lm import EMBEDDED_MODEL, load_model
+from ops.models.lm import EMBEDDED_MODEL, load_model, resolve_device
 from ops.saes.quality import evaluate_sae
 from ops.saes.training import collect_activations, make_training_sae, train_sae
 from ops.texts import read_many
@@ -97,12 +97,6 @@ class TrainSAEConfig:
             )
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _split_texts(cfg: TrainSAEConfig) -> tuple[list[str], list[str], list[dict[str, object]]]:
     tables = read_many(list(cfg.sources), cfg.text_column)
     sources: list[dict[str, object]] = [{"source": t.source, "rows": len(t), "use": "train"} for t in tables]
@@ -127,7 +121,7 @@ def build(cfg: TrainSAEConfig) -> dict[str, object]:
 
     wall = time.perf_counter()
     manifest = base_manifest("sae", asdict(cfg))  # revision and time of the start, not the end
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     texts, held, sources = _split_texts(cfg)
     model = load_model(cfg.model, device=device)

@@ -345,17 +345,33 @@ class AlignTrainConfig:
     """Hyper-parameters of the post-training (see the module docstring for the losses)."""
 
     stage1_steps: int = 100
+    """Stage 1 steps: reconstruction only."""
     stage2_steps: int = 400
+    """Stage 2 steps: reconstruction + binding (+ decorrelation)."""
     batch_tokens: int = 1024
+    """Token activations per step (reconstruction)."""
     batch_texts: int = 256
+    """Pooled texts per step (binding)."""
     lr: float = 1e-3
+    """Adam learning rate of the concept slots."""
     lr_free: float = 5e-5
+    """Adam learning rate of the pre-trained (free) SAE parameters."""
     lambda_align: float = 1.0
+    """Weight of the binding loss (BCE per concept slot)."""
     lambda_token: float = 0.5
+    """Weight of the per-token binding loss (each token of a labelled text takes the text's label)."""
     lambda_indep: float = 0.0
+    """Weight of the decorrelation loss between concept and free slots (0 = off)."""
     sparsity: float = 0.01
+    """L1 weight on free slots for ReLU/JumpReLU bases (TopK needs none)."""
     train_concept_decoder: bool = True
-    seed: int = 0
+    """Let reconstruction train the concept slots' decoder rows (else they keep their mean-difference init)."""
+
+    def __post_init__(self) -> None:
+        if self.stage1_steps < 0 or self.stage2_steps <= 0:
+            raise SaealignError("--stage2-steps must be positive and --stage1-steps not negative")
+        if self.batch_tokens <= 0 or self.batch_texts <= 0:
+            raise SaealignError("--batch-tokens and --batch-texts must be positive")
 
 
 def _is_topk(sae: Any) -> bool:
@@ -449,15 +465,16 @@ def train_aligned(
     pooled: torch.Tensor,
     labels: np.ndarray,
     cfg: AlignTrainConfig,
+    seed: int = 0,
 ) -> list[dict[str, float]]:
     """Post-train ``aligned`` in place: stage 1 (reconstruction) then stage 2 (+ binding).
 
     ``tokens`` [n_tokens, d]: per-token activations for reconstruction, ``token_labels``
     [n_tokens]: concept index of each token's text (-1 for unlabelled generic text);
     ``pooled`` [n_texts, d] and bool ``labels`` [n_texts, C]: the text-level binding data.
-    Returns one loss record per step."""
+    ``seed`` draws the training batches. Returns one loss record per step."""
     device = aligned.W_enc_c.device
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     y = torch.as_tensor(labels, dtype=torch.float32)
     tok_labels = torch.as_tensor(np.asarray(token_labels), dtype=torch.long)
     pos_weight = ((len(y) - y.sum(0)) / y.sum(0).clamp_min(1)).to(device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ops.errors import ModelNotFoundError
+from ops.errors import ModelNotFoundError, SaealignError
 from ops.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -115,6 +116,17 @@ def register(name: str) -> Callable[[Callable[[str], LanguageModel]], Callable[[
 
 def registered_models() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def resolve_device(name: str) -> str:
+    """The torch device a job's ``--device`` names: 'auto' is cuda when a GPU is visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SaealignError(f"--device {name}: no CUDA device is visible here; fix: use --device auto or cpu")
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise SaealignError(f"unknown --device '{name}'; fix: use auto, cpu, cuda or cuda:N")
+    return name
 
 
 def load_model(name: str = EMBEDDED_MODEL, device: str = "cpu") -> LanguageModel:

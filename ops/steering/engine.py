@@ -56,7 +56,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -85,16 +85,11 @@ def as_scores(scores: Any) -> torch.Tensor:
     return t.clamp_(0.0, 1.0)  # NaN stays NaN
 
 
-@dataclass(frozen=True, eq=False)
-class SteeringSpec:
-    """What one request asks of the hook. Immutable; validated on construction."""
+@dataclass(frozen=True, kw_only=True)
+class SteeringOptions:
+    """How a method steers: the settings one comparison of methods shares (docs/algorithms.md §3).
+    Declared once here; job configs nest it and the service's request body is built from it."""
 
-    method: Method = "orig"
-    """orig (no change), sae (SAE reconstruction), clamp (baseline), swap (paper eq. 3), weight
-    (ablation), set (chosen latents set to given values, e.g. an AlignSAE concept swap)."""
-    scores: torch.Tensor | None = None
-    """Topic scores [d_sae] in [0, 1], NaN = unscored (treated as 0). Required by clamp/swap/weight;
-    for orig/sae they only turn on the contamination measurement."""
     clamp_k: int = 5
     """Clamp: how many of the highest-scored latents are clamped."""
     clamp_factor: float = 10.0
@@ -107,6 +102,33 @@ class SteeringSpec:
     """Add back the SAE error x − decode(a) (any method but orig)."""
     include_first: bool = False
     """Steer the first position and special tokens too (default: left untouched, docs/algorithms.md §3)."""
+
+    def __post_init__(self) -> None:
+        if self.clamp_mode not in ("multiply", "add"):
+            raise SaealignError(f"clamp_mode must be 'multiply' or 'add', got '{self.clamp_mode}'")
+        if self.clamp_k < 1:
+            raise SaealignError(f"clamp_k must be at least 1, got {self.clamp_k}")
+        if not (math.isfinite(self.clamp_factor) and self.clamp_factor >= 0):
+            raise SaealignError(f"clamp_factor must be finite and non-negative, got {self.clamp_factor}")
+        if not (math.isfinite(self.strength) and self.strength >= 0):
+            raise SaealignError(f"strength must be finite and non-negative, got {self.strength}")
+
+    def settings(self) -> dict[str, Any]:
+        """The options as a plain dict (for reports, manifests and ``SteeringSpec(**...)``)."""
+        return {f.name: getattr(self, f.name) for f in fields(SteeringOptions)}
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringSpec(SteeringOptions):
+    """What one request asks of the hook: a method, its inputs, and the :class:`SteeringOptions`
+    (keyword-only). Immutable; validated on construction."""
+
+    method: Method = "orig"
+    """orig (no change), sae (SAE reconstruction), clamp (baseline), swap (paper eq. 3), weight
+    (ablation), set (chosen latents set to given values, e.g. an AlignSAE concept swap)."""
+    scores: torch.Tensor | None = None
+    """Topic scores [d_sae] in [0, 1], NaN = unscored (treated as 0). Required by clamp/swap/weight;
+    for orig/sae they only turn on the contamination measurement."""
     vector: torch.Tensor | None = None
     """A steering vector [d_model] added at every steered position after the method's edit."""
     latents: Mapping[int, float] | None = None
@@ -115,6 +137,7 @@ class SteeringSpec:
     """Label of the topic the scores belong to (reporting only)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise SaealignError(f"unknown steering method '{self.method}'; fix: use one of {', '.join(METHODS)}")
         self._check_latents()
@@ -127,14 +150,6 @@ class SteeringSpec:
             if v.numel() == 0 or not bool(torch.isfinite(v).all()):
                 raise SaealignError("a steering vector must be non-empty and finite; fix: pass a [d_model] vector")
             object.__setattr__(self, "vector", v)
-        if self.clamp_mode not in ("multiply", "add"):
-            raise SaealignError(f"clamp_mode must be 'multiply' or 'add', got '{self.clamp_mode}'")
-        if self.clamp_k < 1:
-            raise SaealignError(f"clamp_k must be at least 1, got {self.clamp_k}")
-        if not (math.isfinite(self.clamp_factor) and self.clamp_factor >= 0):
-            raise SaealignError(f"clamp_factor must be finite and non-negative, got {self.clamp_factor}")
-        if not (math.isfinite(self.strength) and self.strength >= 0):
-            raise SaealignError(f"strength must be finite and non-negative, got {self.strength}")
         if self.strength != 1.0 and self.method not in ("swap", "weight"):
             raise SaealignError(f"strength applies to swap and weight only, not '{self.method}'; fix: drop it")
 
@@ -152,36 +167,23 @@ class SteeringSpec:
 
     @classmethod
     def for_method(
-        cls, method: str, scores: torch.Tensor | None, settings: Any, topic: str | None = None
+        cls, method: str, scores: torch.Tensor | None, options: SteeringOptions, topic: str | None = None
     ) -> SteeringSpec:
-        """The spec of ``method`` from settings shared by several methods (any object with
-        ``clamp_k``, ``clamp_factor``, ``clamp_mode``, ``strength``, ``keep_error`` and
-        ``include_first``: a job config, a request's options). What the method does not use is
-        left at its default (``strength`` outside swap/weight, ``keep_error`` for orig), so one set
-        of settings serves every method of a comparison."""
-        return cls(
-            method=method,  # type: ignore[arg-type]
-            scores=scores,
-            clamp_k=settings.clamp_k,
-            clamp_factor=settings.clamp_factor,
-            clamp_mode=settings.clamp_mode,
-            strength=settings.strength if method in ("swap", "weight") else 1.0,
-            keep_error=settings.keep_error and method != "orig",
-            include_first=settings.include_first,
-            topic=topic,
-        )
+        """The spec of ``method`` from options shared by several methods. What the method does not
+        use is left at its default (``strength`` outside swap/weight, ``keep_error`` for orig), so
+        one set of options serves every method of a comparison."""
+        settings = SteeringOptions.settings(options)
+        if method not in ("swap", "weight"):
+            settings["strength"] = 1.0
+        settings["keep_error"] = settings["keep_error"] and method != "orig"
+        return cls(method, scores, topic=topic, **settings)  # type: ignore[arg-type]
 
     def options(self) -> dict[str, Any]:
         """The spec without its scores (for reports and manifests)."""
         return {
             "method": self.method,
             "topic": self.topic,
-            "clamp_k": self.clamp_k,
-            "clamp_factor": self.clamp_factor,
-            "clamp_mode": self.clamp_mode,
-            "strength": self.strength,
-            "keep_error": self.keep_error,
-            "include_first": self.include_first,
+            **self.settings(),
             "has_scores": self.scores is not None,
             "vector_norm": float(self.vector.norm()) if self.vector is not None else None,
             "latents": dict(self.latents) if self.latents is not None else None,

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{CONCEPTS} not found: the benchmark needs ../shared/data beside the checkout")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from ops.alignsae.training import AlignTrainConfig
     from workflows.align_sae import AlignSAEConfig, build, format_report
 
     sae = args.sae or _default_sae()
@@ -59,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         ontology=str(CONCEPTS),
         swap_prompts=args.swap_prompts,
         swap_max_new_tokens=args.swap_max_new_tokens,
-        stage1_steps=args.stage1_steps,
-        stage2_steps=args.stage2_steps,
-        lambda_indep=args.lambda_indep,
+        train=AlignTrainConfig(
+            stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lambda_indep=args.lambda_indep
+        ),
         activation_cache=args.activation_cache,
         swap_control=args.swap_control,
     )

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
@@ -64,3 +64,53 @@ def test_every_job_prints_its_help(job: str, capsys: pytest.CaptureFixture[str])
         main([job, "--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@dataclass(frozen=True)
+class _Inner:
+    depth: int = 2
+    """How deep."""
+    greedy: bool = False
+    """Take the best."""
+
+
+@dataclass(frozen=True)
+class _Outer:
+    name: str = "x"
+    """The name."""
+    inner: _Inner = field(default_factory=_Inner)
+    """Nested options."""
+
+
+@dataclass(frozen=True)
+class _Clash:
+    depth: int = 1
+    """Declared here and in _Inner."""
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_nested_config_options_are_flattened_and_rebuilt() -> None:
+    help_text = build_parser(_Outer, "t").format_help()
+    assert "--depth" in help_text and "How deep." in help_text and "--inner" not in help_text
+    assert parse_config(_Outer, [], "t") == _Outer()
+    cfg = parse_config(_Outer, ["--depth", "7", "--greedy", "--name", "y"], "t")
+    assert cfg == _Outer(name="y", inner=_Inner(depth=7, greedy=True))
+
+
+def test_an_option_declared_twice_is_refused() -> None:
+    with pytest.raises(TypeError, match="'depth' declared twice"):
+        build_parser(_Clash, "t")
+
+
+def test_jobs_take_the_options_declared_in_ops() -> None:
+    from ops.alignsae.training import AlignTrainConfig
+    from ops.steering.engine import SteeringOptions
+    from ops.steering.generation import SamplingParams
+    from workflows.align_sae import AlignSAEConfig
+    from workflows.generate import GenerateConfig
+
+    gen = parse_config(GenerateConfig, ["--topic", "m", "--clamp-k", "9", "--top-k", "3", "--no-stop-at-eos"], "t")
+    assert gen.steering == SteeringOptions(clamp_k=9)
+    assert gen.sampling == SamplingParams(top_k=3, stop_at_eos=False)
+    align = parse_config(AlignSAEConfig, ["--stage2-steps", "5", "--seed", "4"], "t")
+    assert align.train == AlignTrainConfig(stage2_steps=5) and align.seed == 4
