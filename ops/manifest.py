@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -66,8 +65,9 @@ def base_manifest(kind: str, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to a local ``path`` with the lake's atomic writer."""
+    from pyarrow import fs as pafs
+
+    from ops.lake.contract import json_bytes, write_atomic
+
+    write_atomic(pafs.LocalFileSystem(), str(Path(path).resolve()), lambda sink: sink.write(json_bytes(payload)))

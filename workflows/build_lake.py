@@ -198,7 +198,7 @@ class ShardEmbeddings:
 def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildLakeConfig) -> Precision:
     """Refuse to mix two pools or layouts in one dataset (the shard numbering would not agree);
     returns the embedding precision to use, that of the run that started the dataset."""
-    path = lake.path("manifests", f".{key.name}.progress.json")
+    path = lake.progress_path(key)
     layout = {"fingerprint": pool.fingerprint(), "shard_size": cfg.shard_size, "shard_order": "length"}
     precision = resolve_precision(cfg.embed_precision)
     if lake.exists(path) and not cfg.overwrite:
@@ -218,7 +218,7 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
             )
     if cfg.overwrite:
         for table in ("prompts", "embeddings", "activations", "latent_stats"):
-            lake.fs.delete_dir_contents(lake.path(table, key.partition), missing_dir_ok=True)
+            lake.fs.delete_dir_contents(lake.partition_dir(table, key), missing_dir_ok=True)
     lake.write_json(path, {**layout, "embed_precision": precision})
     return precision
 

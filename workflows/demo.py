@@ -17,7 +17,7 @@ from typing import Any
 from ops.errors import SaealignError
 from ops.lake.contract import Lake
 from ops.saes.registry import DEFAULT_SAE_DIR
-from ops.scoring.scores import export_path, resolve_dataset
+from ops.scoring.scores import resolve_dataset
 from workflows import build_lake, evaluate
 from workflows._config import parse_config
 
@@ -57,7 +57,7 @@ def _score_step(cfg: DemoConfig, lake_dir: str) -> dict[str, Any]:
 
     lake = Lake(lake_dir)
     name = resolve_dataset(lake)
-    if lake.exists(export_path(lake, cfg.topic, name)):
+    if lake.exists(lake.scores_export_path(cfg.topic, name)):
         log.info("topic %s already scored; reusing it", cfg.topic)
         return {}
     texts = read_texts(f"embedded:topic:{cfg.topic}").texts

@@ -51,7 +51,6 @@ from ops.scoring.scores import (
     dataset_key,
     lake_embedder,
     prompt_distances,
-    read_manifest,
     resolve_dataset,
     score_latents,
     topic_align_texts,
@@ -164,7 +163,7 @@ def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
 def _dataset(cfg: EvaluateConfig) -> tuple[Lake, str, DatasetKey, dict[str, Any]]:
     lake = Lake(cfg.lake)
     name = resolve_dataset(lake, cfg.dataset)
-    return lake, name, dataset_key(lake, name), read_manifest(lake, name)
+    return lake, name, dataset_key(lake, name), lake.read_manifest(name)
 
 
 def _prompts(cfg: EvaluateConfig) -> list[str]:

@@ -26,7 +26,6 @@ from ops.lake.contract import Lake
 from ops.scoring.scores import (
     check_topic_name,
     dataset_key,
-    read_manifest,
     score_topic,
     topic_align_texts,
     topic_scores,
@@ -120,21 +119,15 @@ def build(cfg: ScoreConfig) -> dict[str, Any]:
     )
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def run_check(cfg: ScoreConfig) -> dict[str, Any]:
     """Top-k check: load the dataset's model and SAE, encode both texts per token, compare."""
-    from ops.models.lm import load_model
+    from ops.models.lm import load_model, resolve_device
     from ops.saes.registry import check_sae_fits, load_sae
     from ops.scoring.topk_check import save_check, token_latent_sets, topk_check
 
     scores, meta = topic_scores(cfg.lake, cfg.topic, cfg.dataset)
     lake = Lake(cfg.lake)
-    key, manifest = dataset_key(lake, meta["dataset"]), read_manifest(lake, meta["dataset"])
+    key, manifest = dataset_key(lake, meta["dataset"]), lake.read_manifest(meta["dataset"])
     sae_spec = (manifest.get("config") or {}).get("sae")
     if not sae_spec:
         raise SaealignError(
@@ -142,7 +135,7 @@ def run_check(cfg: ScoreConfig) -> dict[str, Any]:
         )
     aligned = _check_texts(cfg, cfg.aligned_file) or topic_align_texts(cfg.lake, cfg.topic, meta["dataset"])
     unaligned = _check_texts(cfg, cfg.unaligned_file)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model, sae = load_model(key.model, device=device), load_sae(sae_spec, device=device)
     hook = check_sae_fits(sae, model, key.hook)
     result = topk_check(

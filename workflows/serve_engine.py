@@ -26,13 +26,11 @@ from pydantic import ConfigDict
 
 from ops.errors import SaealignError, TopicExistsError
 from ops.lake.contract import Lake
-from ops.models.lm import load_model
+from ops.models.lm import load_model, resolve_device
 from ops.saes.registry import load_sae, sae_id
 from ops.scoring.scores import (
     dataset_key,
-    export_path,
     list_topics,
-    read_manifest,
     resolve_dataset,
     score_topic,
     top_latents,
@@ -169,10 +167,6 @@ class IncrementalText:
         return delta
 
 
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 class Engine:
     """Model, SAE and topic scores of one replica, and the generation entry points."""
 
@@ -183,11 +177,11 @@ class Engine:
         lake = Lake(cfg.lake)
         self.dataset = resolve_dataset(lake, cfg.dataset)
         self.key = dataset_key(lake, self.dataset)
-        manifest = read_manifest(lake, self.dataset)
+        manifest = lake.read_manifest(self.dataset)
         self.sae_spec = cfg.sae or str(manifest["config"]["sae"])
         if cfg.sae:
             check_scores_sae(self.key.sae, sae_id(cfg.sae))
-        device = _device(cfg.device)
+        device = resolve_device(cfg.device)
         self.model = load_model(self.key.model, device=device)
         self.sae = load_sae(self.sae_spec, device=device)
         self.hook = self.key.hook
@@ -209,7 +203,7 @@ class Engine:
         if scores.shape[0] != self.d_sae:
             raise SaealignError(f"topic '{name}' has {scores.shape[0]} scores, the SAE {self.d_sae} latents")
         lake = Lake(self.cfg.lake)
-        with lake.fs.open_input_file(export_path(lake, name, self.dataset)) as src:
+        with lake.fs.open_input_file(lake.scores_export_path(name, self.dataset)) as src:
             table = pq.read_table(src, columns=["latent", "g", "support", "score"])
         topic = Topic(torch.from_numpy(scores), meta, top_latents(table, 50))
         self.topics[name] = topic
@@ -241,7 +235,7 @@ class Engine:
             raise SaealignError("this service does not score new topics (allow_new_topics is off)")
         with self._topic_lock:
             lake = Lake(self.cfg.lake)
-            if req.name in self.topics or lake.exists(export_path(lake, req.name, self.dataset)):
+            if req.name in self.topics or lake.exists(lake.scores_export_path(req.name, self.dataset)):
                 raise TopicExistsError(f"topic '{req.name}' already exists; choose another name")
             row = score_topic(
                 self.cfg.lake,
@@ -262,7 +256,7 @@ class Engine:
 
     def spec(self, method: str, topic: str | None, options: SteeringOptions) -> SteeringSpec:
         scores = self.topic(topic).scores if topic else None
-        spec = SteeringSpec.for_method(method, scores, options, topic)
+        spec = SteeringSpec.for_method(method, scores, options.settings(), topic)
         spec.check_fits(self.d_sae)
         return spec
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ import pyarrow.parquet as pq
 from ops.errors import SaealignError
 
 EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
+SCORES_DB = "scores.duckdb"
+"""The scores database at the lake root (schema: ops/sql/scores_db.sql)."""
 
 PROMPTS = pa.schema(
     [
@@ -61,6 +64,28 @@ def prompt_id(text: str) -> int:
     """Stable signed 64-bit id of a prompt text (BLAKE2b of the UTF-8 bytes)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, write: Callable[[Any], None]) -> None:
+    """The one way saealign writes a file: ``write(stream)`` fills a hidden temporary sibling, which
+    is then renamed onto ``path``, so a reader or a resumed job never sees a half-written file (and
+    a failed write leaves the old file as it was)."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
+    try:
+        with fs.open_output_stream(tmp) as sink:
+            write(sink)
+        fs.move(tmp, path)
+    except BaseException:
+        if fs.get_file_info(tmp).type == pafs.FileType.File:
+            fs.delete_file(tmp)
+        raise
+
+
+def json_bytes(payload: dict[str, Any]) -> bytes:
+    """How saealign serialises a JSON document (manifests, reports)."""
+    return (json.dumps(payload, indent=2, default=str) + "\n").encode()
 
 
 def _safe(value: str) -> str:
@@ -114,8 +139,23 @@ class Lake:
     def stats_path(self, key: DatasetKey) -> str:
         return self.path("latent_stats", key.partition, "latent_stats.parquet")
 
-    def manifest_path(self, key: DatasetKey) -> str:
-        return self.path("manifests", f"{key.name}.json")
+    def partition_dir(self, table: str, key: DatasetKey) -> str:
+        return self.path(table, key.partition)
+
+    def manifest_path(self, key: DatasetKey | str) -> str:
+        """``manifests/<dataset>.json`` of a dataset (its key or its name)."""
+        return self.path("manifests", f"{key.name if isinstance(key, DatasetKey) else key}.json")
+
+    def progress_path(self, key: DatasetKey) -> str:
+        """The record of how a dataset's build started (pool fingerprint, shard layout, precision)."""
+        return self.path("manifests", f".{key.name}.progress.json")
+
+    def scores_db_path(self) -> str:
+        return self.path(SCORES_DB)
+
+    def scores_export_path(self, topic: str, dataset: str) -> str:
+        """``scores/topic=<topic>/<dataset>.parquet``: one topic's scores on one dataset."""
+        return self.path("scores", f"topic={topic}", f"{dataset}.parquet")
 
     def exists(self, path: str) -> bool:
         return self.fs.get_file_info(path).type == pafs.FileType.File
@@ -125,27 +165,19 @@ class Lake:
         return all(self.exists(self.shard_path(t, key, shard)) for t in SHARD_TABLES)
 
     def write_table(self, path: str, table: pa.Table, schema: pa.Schema) -> None:
-        """Validate against ``schema`` and write through a temporary file + rename, so a reader
-        or a resumed job never sees a half-written file."""
+        """Validate against ``schema`` and write atomically (:func:`write_atomic`)."""
         table = conform(table, schema)
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.parquet"
-        with self.fs.open_output_stream(tmp) as sink:
-            pq.write_table(table, sink, compression="zstd")
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, lambda sink: pq.write_table(table, sink, compression="zstd"))
 
     def write_json(self, path: str, payload: dict[str, Any]) -> None:
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.json"
-        with self.fs.open_output_stream(tmp) as sink:
-            sink.write(json.dumps(payload, indent=2, default=str).encode())
-        self.fs.move(tmp, path)
+        write_atomic(self.fs, path, lambda sink: sink.write(json_bytes(payload)))
 
     def read_json(self, path: str) -> dict[str, Any]:
         with self.fs.open_input_stream(path) as src:
             return json.loads(src.read().decode())
+
+    def read_manifest(self, dataset: str) -> dict[str, Any]:
+        return self.read_json(self.manifest_path(dataset))
 
     def table_glob(self, table: str, key: DatasetKey | None = None) -> str:
         """A glob for DuckDB/pyarrow over one table (one dataset, or all of them)."""

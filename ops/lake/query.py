@@ -29,11 +29,10 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ops.errors import SaealignError
-from ops.lake.contract import TABLES, DatasetKey, Lake
+from ops.lake.contract import SCORES_DB, TABLES, DatasetKey, Lake
 
 log = logging.getLogger(__name__)
 
-SCORES_DB = "scores.duckdb"
 SCORE_TABLES = ("topics", "scores", "align_texts")
 PARTITION_COLUMNS = ("model", "sae", "hook", "summary")
 _PARTITIONING = pads.partitioning(pa.schema([(c, pa.string()) for c in PARTITION_COLUMNS]), flavor="hive")
@@ -101,7 +100,7 @@ def manifests_table(lake: Lake) -> pa.Table:
     """One row per dataset manifest; ``manifest`` holds the whole JSON document."""
     rows = []
     for name in lake.datasets():
-        doc = lake.read_json(lake.path("manifests", f"{name}.json"))
+        doc = lake.read_manifest(name)
         key = doc.get("key") or {}
         rows.append(
             {
@@ -123,14 +122,9 @@ def manifests_table(lake: Lake) -> pa.Table:
 # the scores database
 
 
-def scores_db_path(lake: Lake) -> str:
-    """Location of ``scores.duckdb`` on the lake's filesystem."""
-    return lake.path(SCORES_DB)
-
-
 def local_scores_db(lake: Lake) -> str | None:
     """A local path DuckDB can open read-only (a downloaded copy for a remote lake); None if absent."""
-    path = scores_db_path(lake)
+    path = lake.scores_db_path()
     if not lake.exists(path):
         return None
     if lake.is_local:

@@ -32,13 +32,12 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ops.errors import SaealignError, TopicExistsError
-from ops.lake.contract import DatasetKey, Lake
+from ops.lake.contract import SCORES_DB, DatasetKey, Lake
 from ops.lake.query import (
     connect_read_only,
     duckdb_paths,
     local_scores_db,
     require_files,
-    scores_db_path,
 )
 from ops.models.embedders import embed
 from ops.paths import SQL_DIR
@@ -129,13 +128,9 @@ def resolve_dataset(lake: Lake, dataset: str | None = None) -> str:
     return dataset
 
 
-def read_manifest(lake: Lake, name: str) -> dict[str, Any]:
-    return lake.read_json(lake.path("manifests", f"{name}.json"))
-
-
 def dataset_key(lake: Lake, name: str) -> DatasetKey:
     """The partition of dataset ``name``, from its manifest's ``key``."""
-    key = read_manifest(lake, name).get("key")
+    key = lake.read_manifest(name).get("key")
     if not isinstance(key, dict) or not {"model", "sae", "hook"} <= key.keys():
         raise SaealignError(f"manifest of dataset '{name}' has no 'key' (model, sae, hook); fix: rebuild the lake")
     return DatasetKey(model=key["model"], sae=key["sae"], hook=key["hook"], summary=key.get("summary", "avg"))
@@ -249,8 +244,8 @@ def scores_database(lake: Lake) -> Iterator[duckdb.DuckDBPyConnection]:
     """A writable connection to ``scores.duckdb`` with its tables created. A remote lake's
     database is downloaded, written locally and uploaded (atomic move) when the block succeeds;
     on a remote lake, run one score job at a time (the last upload wins)."""
-    remote = scores_db_path(lake)
-    local = remote if lake.is_local else local_scores_db(lake) or f"{tempfile.mkdtemp()}/scores.duckdb"
+    remote = lake.scores_db_path()
+    local = remote if lake.is_local else local_scores_db(lake) or f"{tempfile.mkdtemp()}/{SCORES_DB}"
     try:
         conn = duckdb.connect(local)
     except duckdb.IOException as exc:
@@ -279,10 +274,6 @@ def _check_layout(conn: duckdb.DuckDBPyConnection, path: str) -> None:
                 f"{path} has an older '{table}' table (no column(s) {missing}); "
                 "fix: move the file away and re-score the topics"
             )
-
-
-def export_path(lake: Lake, topic: str, dataset: str) -> str:
-    return lake.path("scores", f"topic={topic}", f"{dataset}.parquet")
 
 
 def topic_exists(conn: duckdb.DuckDBPyConnection, topic: str, dataset: str) -> bool:
@@ -318,9 +309,11 @@ def store_scores(
             if tmp is not None:
                 lake.fs.delete_file(tmp)
             if isinstance(exc, duckdb.Error):
-                raise SaealignError(f"writing scores to {scores_db_path(lake)} failed, nothing written: {exc}") from exc
+                raise SaealignError(
+                    f"writing scores to {lake.scores_db_path()} failed, nothing written: {exc}"
+                ) from exc
             raise
-    lake.fs.move(tmp, export_path(lake, topic, dataset))
+    lake.fs.move(tmp, lake.scores_export_path(topic, dataset))
     return row
 
 
@@ -353,7 +346,7 @@ def _write_export_tmp(lake: Lake, topic: str, dataset: str, scores: pa.Table, ro
             **{c: scores.column(c) for c in LATENT_SCORES.names},
         }
     ).cast(SCORES.with_metadata({METADATA_KEY: json.dumps(row, default=str).encode()}))
-    final = export_path(lake, topic, dataset)
+    final = lake.scores_export_path(topic, dataset)
     parent = final.rsplit("/", 1)[0]
     lake.fs.create_dir(parent, recursive=True)
     tmp = f"{parent}/.tmp-{uuid.uuid4().hex}.parquet"
@@ -390,7 +383,7 @@ def score_topic(
     check_topic_name(topic)
     texts = clean_align_texts(align_texts)
     name = resolve_dataset(lake, dataset)
-    key, manifest = dataset_key(lake, name), read_manifest(lake, name)
+    key, manifest = dataset_key(lake, name), lake.read_manifest(name)
     require_files(lake, "activations", key)
     _refuse_existing(lake, topic, name, replace)
     timings: dict[str, float] = {}
@@ -414,7 +407,7 @@ def score_topic(
 
 def _refuse_existing(lake: Lake, topic: str, dataset: str, replace: bool) -> None:
     """Fail before the (slow) embedding when the topic exists and --replace is not given."""
-    if replace or not lake.exists(export_path(lake, topic, dataset)):
+    if replace or not lake.exists(lake.scores_export_path(topic, dataset)):
         return
     raise TopicExistsError(
         f"topic '{topic}' is already scored for dataset {dataset}; fix: pass --replace to re-score it, "
@@ -500,7 +493,7 @@ def _topic_file(lake: Lake, topic: str, dataset: str | None) -> str:
     if len(rows) > 1:
         names = [r["dataset"] for r in rows]
         raise SaealignError(f"topic '{topic}' is scored on several datasets; fix: pass one of {names}")
-    return export_path(lake, topic, rows[0]["dataset"])
+    return lake.scores_export_path(topic, rows[0]["dataset"])
 
 
 def topic_scores(lake_uri: str, topic: str, dataset: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -526,7 +519,7 @@ def topic_align_texts(lake_uri: str, topic: str, dataset: str | None = None) -> 
     name = _topic_file(lake, topic, dataset).rsplit("/", 1)[1].removesuffix(".parquet")
     path = local_scores_db(lake)
     if path is None:
-        raise SaealignError(f"the lake at {lake_uri} has no {scores_db_path(lake)}; fix: run `saealign score` first")
+        raise SaealignError(f"the lake at {lake_uri} has no {lake.scores_db_path()}; fix: run `saealign score` first")
     conn = connect_read_only(path)
     try:
         sql = sql_sections("scores_db")["align_texts"]

@@ -8,7 +8,7 @@ import pytest
 
 from ops.errors import SaealignError
 from ops.lake.build import latent_stats_table, prepare_pool
-from ops.lake.contract import ACTIVATIONS, DatasetKey, Lake, prompt_id
+from ops.lake.contract import ACTIVATIONS, DatasetKey, Lake, prompt_id, write_atomic
 from ops.texts import TextTable
 
 KEY = DatasetKey("smollm2-135m", "default", "blocks.6.hook_resid_post")
@@ -116,3 +116,18 @@ def test_auto_layout_fills_the_cluster_and_explicit_values_stay() -> None:
         resolve_layout(BuildLakeConfig(), {"CPU": 2.0, "memory": 2 * gb})
     with pytest.raises(SaealignError, match="must be >= 0"):
         BuildLakeConfig(workers=-1)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    lake = Lake(str(tmp_path))
+    path = lake.manifest_path("ds")
+    lake.write_json(path, {"v": 1})
+
+    def fail(sink: object) -> None:
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(lake.fs, path, fail)
+    assert lake.read_manifest("ds") == {"v": 1}
+    assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == ["ds.json"]
+    assert lake.datasets() == ["ds"]

@@ -281,7 +281,7 @@ def test_score_topic_stores_exports_and_loads(hand_lake: Lake) -> None:
     assert meta["distance_power"] == 1.0 and meta["min_support"] == 2
     assert [t["topic"] for t in scoring.list_topics(hand_lake.uri)] == ["medical"]
     assert scoring.topic_align_texts(hand_lake.uri, "medical") == ["a text", "another"]
-    assert hand_lake.exists(scoring.export_path(hand_lake, "medical", KEY.name))
+    assert hand_lake.exists(hand_lake.scores_export_path("medical", KEY.name))
     assert row["top"][0]["latent"] == 0
 
 
@@ -293,7 +293,7 @@ def test_existing_topic_needs_replace(hand_lake: Lake) -> None:
     scores, meta = scoring.topic_scores(hand_lake.uri, "medical")
     assert meta["distance_power"] == 2.0 and meta["n_align"] == 2
     assert scores[1] == pytest.approx(118 / 251, abs=1e-5)
-    conn = duckdb.connect(scoring.scores_db_path(hand_lake), read_only=True)
+    conn = duckdb.connect(hand_lake.scores_db_path(), read_only=True)
     counts = conn.execute("SELECT (SELECT count(*) FROM topics), (SELECT count(*) FROM scores)").fetchone()
     conn.close()
     assert counts == (1, 4)  # replaced, not duplicated
@@ -310,7 +310,7 @@ def test_failed_write_leaves_database_unchanged(hand_lake: Lake, monkeypatch: py
         scoring.score_topic(hand_lake.uri, "medical", ["x", "y"], power=2, min_support=2, replace=True)
     with pytest.raises(RuntimeError, match="disk full"):
         scoring.score_topic(hand_lake.uri, "sport", ["x"], min_support=2)
-    conn = duckdb.connect(scoring.scores_db_path(hand_lake), read_only=True)
+    conn = duckdb.connect(hand_lake.scores_db_path(), read_only=True)
     topics = conn.execute("SELECT topic, distance_power, n_align FROM topics").fetchall()
     n_scores = conn.execute("SELECT count(*) FROM scores").fetchone()
     n_texts = conn.execute("SELECT count(*) FROM align_texts").fetchone()
@@ -354,7 +354,7 @@ def test_score_job_cli(hand_lake: Lake, tmp_path: Path, capsys: pytest.CaptureFi
     assert meta["n_align"] == 3 and meta["distance_power"] == 2.0 and str(align) in meta["align_source"]
     with pytest.raises(SaealignError, match="align set is empty"):
         score_job.main(["--lake", hand_lake.uri, "--topic", "t2"])
-    exported = pq.read_table(scoring.export_path(hand_lake, "t1", KEY.name))
+    exported = pq.read_table(hand_lake.scores_export_path("t1", KEY.name))
     assert exported.schema.names == scoring.SCORES.names
 
 
@@ -450,7 +450,7 @@ def test_score_check_job_with_stub_models(hand_lake: Lake, tmp_path: Path, monke
 
 
 def test_older_database_layout_is_a_clear_error(hand_lake: Lake) -> None:
-    conn = duckdb.connect(scoring.scores_db_path(hand_lake))
+    conn = duckdb.connect(hand_lake.scores_db_path())
     conn.execute("CREATE TABLE scores (topic VARCHAR, dataset VARCHAR, latent INTEGER, g DOUBLE)")
     conn.close()
     with pytest.raises(SaealignError, match=r"older 'scores' table.*move the file away"):
@@ -464,7 +464,7 @@ def test_failed_insert_rolls_back(hand_lake: Lake, monkeypatch: pytest.MonkeyPat
     with pytest.raises(SaealignError, match=r"nothing written.*no_such_table"):
         scoring.score_topic(hand_lake.uri, "medical", ["x", "y"], power=2, min_support=2, replace=True)
     monkeypatch.undo()
-    conn = duckdb.connect(scoring.scores_db_path(hand_lake), read_only=True)
+    conn = duckdb.connect(hand_lake.scores_db_path(), read_only=True)
     state = conn.execute("SELECT (SELECT max(n_align) FROM topics), (SELECT count(*) FROM scores)").fetchone()
     conn.close()
     assert state == (1, 4)  # the first scoring, untouched
