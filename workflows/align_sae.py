@@ -6,7 +6,8 @@ the vanilla baseline (best single latent per concept on the training split), pos
 aligned SAE (``ops.alignsae.training``: appended concept slots, stage 1 reconstruction, stage 2 +
 binding), save it, then measure both on the test split: alignment AUC, reconstruction MSE /
 explained variance (test ontology text + held-out generic text), entanglement index, and
-concept-swap success vs α (``ops.alignsae.swaps``).
+concept-swap success vs α. The protocol (baseline, post-training, metrics, swap sweep) is
+``ops.alignsae.protocol``; this module reads the inputs, calls it and writes the outputs.
 
 Output directory: the aligned SAE (sae-lens ``cfg.json`` + ``sae_weights.safetensors`` +
 ``concept_slots.safetensors``; load with ``ops.alignsae.training.load_aligned_sae``), ``report.json``,
@@ -15,14 +16,12 @@ Output directory: the aligned SAE (sae-lens ``cfg.json`` + ``sae_weights.safeten
 
 from __future__ import annotations
 
-import copy
-import functools
 import hashlib
 import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,46 +29,30 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ops.alignsae.metrics import (
-    ReconTally,
-    best_alpha,
-    best_latents,
-    concept_auc,
-    entanglement_index,
-    geometric_mean,
-    swap_success,
-)
 from ops.alignsae.ontology import Ontology, check_concepts, load_ontology, split_ontology
+from ops.alignsae.protocol import (
+    ConceptData,
+    SwapSweep,
+    post_train,
+    sae_metrics,
+    swap_sweep,
+    token_mean_auc,
+    vanilla_baseline,
+    vs_vanilla,
+)
 from ops.alignsae.swaps import (
-    CentroidClassifier,
     ConceptSAE,
-    SwapOutcome,
-    SwapTrial,
-    VanillaConceptSAE,
-    concept_means,
-    diffmean_specs,
-    plan_swaps,
-    run_trials,
-    swap_specs,
 )
 from ops.alignsae.training import (
-    AlignedSAE,
     AlignTrainConfig,
     TextActivations,
     check_base_sae,
     collect_text_activations,
-    encode_in_chunks,
-    init_concept_slots,
-    set_typical,
-    token_mean_activations,
-    train_aligned,
-    typical_activations,
 )
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
 from ops.models.lm import EMBEDDED_MODEL, LanguageModel, load_model, resolve_device
 from ops.saes.registry import check_sae_fits, load_sae
-from ops.steering.engine import SteeringSpec
 from ops.texts import read_many
 from workflows._config import parse_config
 
@@ -111,20 +94,8 @@ class AlignSAEConfig:
     """Post-training hyper-parameters (their options: --stage1-steps … --train-concept-decoder)."""
     mi_bins: int = 4
     """Bins for the entanglement index: 1 inactive bin + equal-frequency bins of active values."""
-    swap_alphas: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
-    """Values of α for the concept-swap sweep."""
-    swap_prompts: int = 24
-    """Swap prompts per family (test texts); 0 skips the swap evaluation."""
-    swap_max_new_tokens: int = 24
-    """Tokens generated per swap."""
-    swap_keep_error: bool = True
-    """Add the SAE error back when writing the edited activation (only the slots change)."""
-    swap_control: bool = False
-    """Also run the no-SAE control at every α: add α × (target concept's mean activation − source
-    concept's mean) at the hook (a DiffMean steering vector), judged the same way."""
-    max_ppl_increase: float = 0.30
-    """Perplexity bound for the best α: the geometric-mean perplexity of its continuations at most
-    (1 + this) x that of the unsteered continuations of the same prompts."""
+    swaps: SwapSweep = field(default_factory=SwapSweep)
+    """The concept-swap sweep (its options: --swap-alphas … --max-ppl-increase)."""
     activation_cache: str | None = None
     """Directory to keep the collected hook activations in (keyed by model, hook, texts); reused on reruns."""
     seed: int = 0
@@ -135,15 +106,6 @@ class AlignSAEConfig:
     def __post_init__(self) -> None:
         if self.context < 2:
             raise SaealignError("--context must be at least 2")
-        if any(a <= 0 for a in self.swap_alphas):
-            raise SaealignError("--swap-alphas must be positive")
-
-
-@dataclass
-class _Data:
-    train: Ontology
-    test: Ontology
-    acts: dict[str, TextActivations]
 
 
 def _generic(cfg: AlignSAEConfig) -> tuple[list[str], list[str]]:
@@ -160,12 +122,12 @@ def _ontology(cfg: AlignSAEConfig) -> tuple[Ontology, Ontology]:
     return split_ontology(ontology, cfg.test_fraction, cfg.seed)
 
 
-def _collect(cfg: AlignSAEConfig, model: LanguageModel, hook: str) -> _Data:
+def _collect(cfg: AlignSAEConfig, model: LanguageModel, hook: str) -> ConceptData:
     train, test = _ontology(cfg)
     generic_train, generic_eval = _generic(cfg)
     sets = {"train": train.texts, "test": test.texts, "generic": generic_train, "generic_eval": generic_eval}
     acts = {name: _activations(cfg, model, hook, name, texts) for name, texts in sets.items() if texts}
-    return _Data(train, test, acts)
+    return ConceptData(train, test, acts)
 
 
 def _activations(
@@ -187,165 +149,6 @@ def _activations(
     return acts
 
 
-def _labels(split: Ontology, concepts: list[str]) -> np.ndarray:
-    index = {c: j for j, c in enumerate(concepts)}
-    out = np.zeros((len(split.texts), len(concepts)), dtype=bool)
-    out[np.arange(len(split.texts)), [index[lab] for lab in split.labels]] = True
-    return out
-
-
-def _vanilla(base: Any, data: _Data, concepts: list[str]) -> VanillaConceptSAE:
-    acts = encode_in_chunks(base.encode, data.acts["train"].pooled)
-    best, train_auc = best_latents(acts, _labels(data.train, concepts))
-    typical = typical_activations(acts[:, best], _labels(data.train, concepts))
-    log.info("vanilla best latents: %s (train AUC %s)", best.tolist(), np.round(train_auc, 3).tolist())
-    return VanillaConceptSAE(
-        base, dict(zip(concepts, best.tolist(), strict=True)), dict(zip(concepts, typical.tolist(), strict=True))
-    )
-
-
-def _align(
-    cfg: AlignSAEConfig, base: Any, data: _Data, concepts: list[str]
-) -> tuple[AlignedSAE, list[dict[str, float]]]:
-    aligned = AlignedSAE(copy.deepcopy(base), concepts, data.train.families)
-    labels = _labels(data.train, concepts)
-    pooled = data.acts["train"].pooled
-    init_concept_slots(aligned, pooled, labels)
-    train = data.acts["train"]
-    token_labels = np.repeat(labels.argmax(1), np.diff(train.offsets.numpy()))
-    tokens, token_labels_all = [train.tokens], [token_labels]
-    if "generic" in data.acts:
-        tokens.append(data.acts["generic"].tokens)
-        token_labels_all.append(np.full(len(data.acts["generic"].tokens), -1))
-    history = train_aligned(
-        aligned, torch.cat(tokens), np.concatenate(token_labels_all), pooled, labels, cfg.train, cfg.seed
-    )
-    set_typical(aligned, pooled, labels)
-    return aligned, history
-
-
-@torch.no_grad()
-def _recon(csae: ConceptSAE, data: _Data, chunk: int = 4096) -> ReconTally:
-    tally = ReconTally()
-    for key in ("test", "generic_eval"):
-        if key in data.acts:
-            tokens = data.acts[key].tokens
-            for i in range(0, len(tokens), chunk):
-                x = tokens[i : i + chunk].float()
-                tally.add(x, csae.decode(csae.encode(x)))
-    return tally
-
-
-def _metrics(csae: ConceptSAE, data: _Data, concepts: list[str], mi_bins: int) -> dict[str, Any]:
-    slots = [csae.concept_slots[c] for c in concepts]
-    acts = encode_in_chunks(csae.encode, data.acts["test"].pooled)[:, slots]
-    auc = concept_auc(acts, _labels(data.test, concepts))
-    entanglement, _ = entanglement_index(acts, mi_bins)
-    tally = _recon(csae, data)
-    return {
-        "auc_mean": float(np.nanmean(auc)),
-        "auc": dict(zip(concepts, auc.round(4).tolist(), strict=True)),
-        "mse": tally.mse,
-        "explained_variance": tally.explained_variance,
-        "entanglement": entanglement,
-        "recon_tokens": tally.n,
-    }
-
-
-def _token_mean_auc(base: Any, aligned: AlignedSAE, data: _Data, concepts: list[str]) -> dict[str, float]:
-    """Alignment AUC with the token-mean summary instead of the pooled vector (a robustness
-    check: vanilla latents re-chosen on the training split under this summary)."""
-    train, test = _labels(data.train, concepts), _labels(data.test, concepts)
-    best, _ = best_latents(token_mean_activations(base.encode, data.acts["train"]), train)
-    vanilla = token_mean_activations(base.encode, data.acts["test"])[:, best]
-    slots = token_mean_activations(lambda x: torch.relu(aligned.concept_pre(x)), data.acts["test"])
-    return {
-        "vanilla": float(np.nanmean(concept_auc(vanilla, test))),
-        "aligned": float(np.nanmean(concept_auc(slots, test))),
-    }
-
-
-def _swap_row(outcome: SwapOutcome, trials: list[SwapTrial], ppl_ref: float) -> dict[str, float]:
-    finite = [p for p in outcome.perplexities if np.isfinite(p)]
-    return {
-        "success": swap_success(outcome.predicted, [t.target for t in trials]),
-        "ppl_ratio": geometric_mean(finite) / ppl_ref if finite else float("nan"),
-    }
-
-
-def _swaps(
-    cfg: AlignSAEConfig, model: LanguageModel, hook: str, data: _Data, saes: dict[str, ConceptSAE]
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    trials = plan_swaps(data.test.texts, data.test.labels, data.train.families, cfg.swap_prompts, cfg.seed)
-    if not trials:
-        return {"n_trials": 0, "note": "no family with two concepts: nothing to swap"}, []
-    texts = {
-        c: [t for t, lab in zip(data.train.texts, data.train.labels, strict=True) if lab == c]
-        for c in data.train.concepts
-    }
-    classifier = CentroidClassifier.fit(texts)
-    run = dict(classifier=classifier, max_new_tokens=cfg.swap_max_new_tokens, seed=cfg.seed)
-    ref = run_trials(model, trials, **run)  # type: ignore[arg-type]
-    ppl_ref = geometric_mean([p for p in ref.perplexities if np.isfinite(p)])
-    records = [_record(t, "orig", 0.0, ref, i) for i, t in enumerate(trials)]
-    # name -> (the SAE the hook runs, or None; the trials' specs at α)
-    edits: dict[str, tuple[Any, Callable[[float], list[SteeringSpec]]]] = {
-        name: (csae, functools.partial(swap_specs, csae, trials, keep_error=cfg.swap_keep_error))
-        for name, csae in saes.items()
-    }
-    if cfg.swap_control:
-        train = data.acts["train"]
-        means = concept_means(train.tokens, train.offsets, data.train.labels)
-        edits["diffmean"] = (None, functools.partial(diffmean_specs, means, trials))
-    rows = []
-    for alpha in cfg.swap_alphas:
-        row: dict[str, Any] = {"alpha": alpha}
-        for name, (sae, specs_at) in edits.items():
-            outcome = run_trials(model, trials, hook=hook, sae=sae, specs=specs_at(alpha), **run)  # type: ignore[arg-type]
-            row[name] = _swap_row(outcome, trials, ppl_ref)
-            records += [_record(t, name, alpha, outcome, i) for i, t in enumerate(trials)]
-        log.info("swap α=%s: %s", alpha, row)
-        rows.append(row)
-    summary = {
-        "n_trials": len(trials),
-        "reference_perplexity": ppl_ref,
-        "orig_success": swap_success(ref.predicted, [t.target for t in trials]),
-        "max_ppl_increase": cfg.max_ppl_increase,
-        "by_alpha": rows,
-        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in edits},
-    }
-    return summary, records
-
-
-def _best(rows: list[dict[str, Any]], name: str, max_increase: float) -> dict[str, Any] | None:
-    """``name``'s best α within the perplexity bound (None: no α stays within it)."""
-    best = best_alpha([(r["alpha"], r[name]["success"], r[name]["ppl_ratio"]) for r in rows], max_increase)
-    return None if best is None else dict(zip(("alpha", "success", "ppl_ratio"), best, strict=True))
-
-
-def _record(trial: SwapTrial, sae: str, alpha: float, outcome: SwapOutcome, i: int) -> dict[str, Any]:
-    return {
-        "sae": sae,
-        "alpha": alpha,
-        "source": trial.source,
-        "target": trial.target,
-        "prompt": trial.prompt,
-        "continuation": outcome.continuations[i],
-        "predicted": outcome.predicted[i],
-        "perplexity": outcome.perplexities[i],
-    }
-
-
-def _vs_vanilla(report: dict[str, Any]) -> dict[str, float]:
-    """AlignSAE beside the vanilla baseline, measured: AUC gain, MSE and entanglement ratios."""
-    van, ali = report["vanilla"], report["aligned"]
-    return {
-        "auc_gain": ali["auc_mean"] - van["auc_mean"],
-        "mse_ratio": ali["mse"] / van["mse"] if van["mse"] else float("nan"),
-        "entanglement_ratio": ali["entanglement"] / van["entanglement"] if van["entanglement"] else float("nan"),
-    }
-
-
 def build(cfg: AlignSAEConfig) -> dict[str, Any]:
     """Run the job; returns the report (also written to <out>/report.json)."""
     wall = time.perf_counter()
@@ -361,18 +164,18 @@ def build(cfg: AlignSAEConfig) -> dict[str, Any]:
     concepts = data.train.concepts
     timings["activations_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vanilla = _vanilla(base, data, concepts)
-    aligned, history = _align(cfg, base, data, concepts)
+    vanilla = vanilla_baseline(base, data, concepts)
+    aligned, history = post_train(base, data, concepts, cfg.train, cfg.seed)
     timings["train_s"] = time.perf_counter() - t0
     out = Path(cfg.out)
     aligned.save(out)
     t0 = time.perf_counter()
     saes: dict[str, ConceptSAE] = {"vanilla": vanilla, "aligned": aligned}
-    report: dict[str, Any] = {name: _metrics(s, data, concepts, cfg.mi_bins) for name, s in saes.items()}
-    report["token_mean_auc"] = _token_mean_auc(base, aligned, data, concepts)
+    report: dict[str, Any] = {name: sae_metrics(s, data, concepts, cfg.mi_bins) for name, s in saes.items()}
+    report["token_mean_auc"] = token_mean_auc(base, aligned, data, concepts)
     records: list[dict[str, Any]] = []
-    if cfg.swap_prompts > 0:
-        report["swap"], records = _swaps(cfg, model, hook, data, saes)
+    if cfg.swaps.swap_prompts > 0:
+        report["swap"], records = swap_sweep(cfg.swaps, model, hook, data, saes, cfg.seed)
     timings["eval_s"] = time.perf_counter() - t0
     timings["wall_s"] = time.perf_counter() - wall
     report.update(
@@ -386,7 +189,7 @@ def build(cfg: AlignSAEConfig) -> dict[str, Any]:
         loss_last=history[-1],
         timings=timings,
     )
-    report["vs_vanilla"] = _vs_vanilla(report)
+    report["vs_vanilla"] = vs_vanilla(report)
     _write(cfg, out, report, records, hook, device)
     return report
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 from tqdm.auto import tqdm
 
@@ -46,7 +45,7 @@ from ops.lake.contract import DatasetKey, Lake
 from ops.models.embedders import embed
 from ops.models.lm import load_model
 from ops.saes.registry import load_sae
-from ops.scoring.coverage import coverage_curve
+from ops.scoring.coverage import dataset_coverage
 from ops.scoring.scores import (
     dataset_key,
     lake_embedder,
@@ -151,15 +150,6 @@ def _per_topic_cost(lake: Lake, key: DatasetKey, align: list[str], embedder: str
     return {"align_embeddings_s": t1 - t0, "distances_s": t2 - t1, "scoring_s": t3 - t2, "total_s": t3 - t0}
 
 
-def _coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[dict[str, Any]]:
-    acts = pads.dataset(
-        lake.table_glob("activations", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
-    ).to_table(columns=["prompt_id", "latent"])
-    n = len(np.unique(acts.column("prompt_id").to_numpy()))
-    sizes = [2**e for e in range(7, 14) if 2**e <= max(n, 128)]
-    return [asdict(p) for p in coverage_curve(acts, d_sae, sizes)]
-
-
 def _dataset(cfg: EvaluateConfig) -> tuple[Lake, str, DatasetKey, dict[str, Any]]:
     lake = Lake(cfg.lake)
     name = resolve_dataset(lake, cfg.dataset)
@@ -221,7 +211,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
             "per_token": {s["method"]: s["s_per_token"] for s in summaries},
             "per_token_batch": min(cfg.batch_size, len(prompts) * len(cfg.seeds)),
         },
-        "coverage": _coverage(lake, key, int(sae.cfg.d_sae)),
+        "coverage": [asdict(p) for p in dataset_coverage(lake, key, int(sae.cfg.d_sae))],
         "topk_check": check.to_dict(),
         "generations": {ev.label: ev.rows for ev in evaluated},
     }

@@ -55,9 +55,10 @@ class Ontology:
     def counts(self) -> dict[str, int]:
         return {c: self.labels.count(c) for c in self.concepts}
 
-    def label_matrix(self) -> np.ndarray:
-        """Bool [n_texts, n_concepts]: True where text i has concept j."""
-        index = {c: j for j, c in enumerate(self.concepts)}
+    def label_matrix(self, concepts: Sequence[str] | None = None) -> np.ndarray:
+        """Bool [n_texts, n_concepts]: True where text i has concept j (columns in the order of
+        ``concepts``, default this ontology's)."""
+        index = {c: j for j, c in enumerate(self.concepts if concepts is None else concepts)}
         out = np.zeros((len(self.texts), len(index)), dtype=bool)
         out[np.arange(len(self.texts)), [index[lab] for lab in self.labels]] = True
         return out

@@ -77,11 +77,6 @@ class TextActivations:
     def __len__(self) -> int:
         return len(self.pooled)
 
-    def text_tokens(self, rows: Sequence[int]) -> torch.Tensor:
-        """Token activations of the texts ``rows`` concatenated (float32)."""
-        parts = [self.tokens[self.offsets[i] : self.offsets[i + 1]] for i in rows]
-        return torch.cat(parts).float() if parts else self.tokens[:0].float()
-
 
 def _pool(acts: torch.Tensor, keep: torch.Tensor, length: int, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(counted token activations, pooled vector) of one row; a text without counted positions

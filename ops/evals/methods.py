@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
 from ops.lake.contract import DatasetKey, Lake
@@ -102,7 +101,7 @@ def reference_moments(model: LanguageModel, hook: str, lake: Lake, key: DatasetK
     """Mean hook activation and mean activation norm of up to 512 reference prompts of a lake
     dataset, drawn at random (seeded): its shards are cut in length order, so the first rows would
     be the shortest prompts."""
-    prompts = pads.dataset(lake.table_glob("prompts", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
+    prompts = lake.dataset("prompts", key)
     texts = prompts.to_table(columns=["prompt_id", "text"]).sort_by("prompt_id").column("text").to_pylist()
     rows = np.random.default_rng(0).choice(len(texts), min(512, len(texts)), replace=False)
     return hook_moments(model, [texts[i] for i in sorted(rows)], hook)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -175,6 +176,10 @@ class Lake:
     def read_json(self, path: str) -> dict[str, Any]:
         with self.fs.open_input_stream(path) as src:
             return json.loads(src.read().decode())
+
+    def dataset(self, table: str, key: DatasetKey) -> pads.Dataset:
+        """An Arrow dataset over one table of one lake dataset (its partition directory)."""
+        return pads.dataset(self.partition_dir(table, key), filesystem=self.fs, format="parquet")
 
     def read_manifest(self, dataset: str) -> dict[str, Any]:
         return self.read_json(self.manifest_path(dataset))

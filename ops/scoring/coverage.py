@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ops.lake.contract import DatasetKey, Lake
+
 POOL_SIZES = (128, 256, 512, 1024, 2048, 4096, 8192)  # 2^7 … 2^13, as in the paper
 
 
@@ -51,3 +53,11 @@ def coverage_curve(
             v = np.array(shares[t])
             points.append(CoveragePoint(size, t, float(v.mean()), float(v.min()), float(v.max())))
     return points
+
+
+def dataset_coverage(lake: Lake, key: DatasetKey, d_sae: int) -> list[CoveragePoint]:
+    """Coverage points of one lake dataset, for the pool sizes of the paper that it can fill
+    (2^7 at least, whatever its size)."""
+    acts = lake.dataset("activations", key).to_table(columns=["prompt_id", "latent"])
+    n = len(np.unique(acts.column("prompt_id").to_numpy()))
+    return coverage_curve(acts, d_sae, [s for s in POOL_SIZES if s <= max(n, POOL_SIZES[0])])

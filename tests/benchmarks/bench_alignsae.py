@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{CONCEPTS} not found: the benchmark needs ../shared/data beside the checkout")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from ops.alignsae.protocol import SwapSweep
     from ops.alignsae.training import AlignTrainConfig
     from workflows.align_sae import AlignSAEConfig, build, format_report
 
@@ -58,13 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         sae=sae,
         ontology=str(CONCEPTS),
-        swap_prompts=args.swap_prompts,
-        swap_max_new_tokens=args.swap_max_new_tokens,
+        swaps=SwapSweep(
+            swap_prompts=args.swap_prompts,
+            swap_max_new_tokens=args.swap_max_new_tokens,
+            swap_control=args.swap_control,
+        ),
         train=AlignTrainConfig(
             stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, lambda_indep=args.lambda_indep
         ),
         activation_cache=args.activation_cache,
-        swap_control=args.swap_control,
     )
     report = build(cfg)
     table = format_report(report)

@@ -43,6 +43,7 @@ def tiny_base(model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(base: Path, out: Path, **overrides: Any) -> Any:
+    from ops.alignsae.protocol import SwapSweep
     from ops.alignsae.training import AlignTrainConfig
     from workflows.align_sae import AlignSAEConfig
 
@@ -55,9 +56,7 @@ def _config(base: Path, out: Path, **overrides: Any) -> Any:
         generic_eval_texts=40,
         context=64,
         train=AlignTrainConfig(stage1_steps=10, stage2_steps=100, batch_tokens=256, batch_texts=128),
-        swap_alphas=(1.0, 5.0),
-        swap_prompts=4,
-        swap_max_new_tokens=8,
+        swaps=SwapSweep(swap_alphas=(1.0, 5.0), swap_prompts=4, swap_max_new_tokens=8),
         device="cpu",
     )
     return AlignSAEConfig(**{**defaults, **overrides})
