@@ -8,7 +8,9 @@ A *source spec* is a string:
   metaphors), ``embedded:neutral-prompts`` (48 general sentence openings about no topic),
   ``embedded:unaligned`` — evaluation prompts;
 * a path to a ``.jsonl``, ``.json``, ``.csv`` or ``.parquet`` file with a text column;
-* ``hf:<dataset>[:<config>][@<split>]`` — a Hugging Face ``datasets`` dataset (connected use).
+* ``hf:<dataset>[:<config>][@<split>]`` — a Hugging Face ``datasets`` dataset: a hub name
+  (connected use), a directory written by ``save_to_disk``, or a local directory of Parquet /
+  JSON / CSV files (``:<config>`` = its sub-directory, e.g. one P3 task), offline.
 
 Optional ``#<start>:<stop>`` after a file or embedded spec selects rows by file order
 (e.g. ``pool.jsonl#:-2500`` drops the last 2,500 rows).
@@ -101,23 +103,48 @@ def _read_file(path: Path, text_column: str) -> pa.Table:
     )
 
 
-def _read_hf(spec: str, text_column: str) -> pa.Table:
+def _load_hf(name: str, config: str, split: str) -> object:
+    """One split of a ``datasets`` dataset: a directory written by ``save_to_disk`` (a Dataset,
+    or a DatasetDict whose split is picked), a local directory of data files (Parquet, JSON, CSV;
+    ``config`` is then its sub-directory, as in P3's one-directory-per-task layout), or a hub
+    name (connected; ``config`` is the hub configuration)."""
     import datasets
 
+    path = Path(name).expanduser()
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        ds = datasets.load_from_disk(str(path / config if config else path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise SaealignError(
+                    f"dataset '{name}' has no split '{split}' (splits: {', '.join(ds)}); fix: pass hf:{name}@<split>"
+                )
+            ds = ds[split]
+        return ds
+    if path.is_dir():
+        return datasets.load_dataset(str(path), data_dir=config or None, split=split)
+    return datasets.load_dataset(name, config or None, split=split)
+
+
+def _read_hf(spec: str, text_column: str) -> pa.Table:
     body = spec.removeprefix("hf:")
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as exc:  # hub errors come in many types
+        ds = _load_hf(name, config, split or "train")
+    except SaealignError:
+        raise
+    except Exception as exc:  # hub and file errors come in many types
         raise SaealignError(
             f"cannot load dataset '{name}' ({type(exc).__name__}: {exc}); "
-            "fix: connect to the hub, or use a local file or 'embedded:pool'"
+            "fix: connect to the hub, pass a local dataset directory, or use a local file or 'embedded:pool'"
         ) from exc
-    table = ds.data.table
-    if text_column not in table.column_names:
-        raise SaealignError(f"dataset '{name}' has no '{text_column}' column; fix: pass --text-column")
-    return table.select([text_column]).rename_columns([TEXT_COLUMN])
+    columns = list(ds.column_names)  # type: ignore[attr-defined]
+    if text_column not in columns:
+        raise SaealignError(
+            f"dataset '{name}' has no '{text_column}' column (columns: {', '.join(columns)}); fix: pass --text-column"
+        )
+    table = ds.select_columns([text_column]).with_format("arrow")[:]  # type: ignore[attr-defined]
+    return pa.table({TEXT_COLUMN: table.column(text_column).cast(pa.string())})
 
 
 def _embedded_path(name: str) -> Path:

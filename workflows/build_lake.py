@@ -32,6 +32,7 @@ from ops.manifest import base_manifest
 from ops.models.embedders import EMBEDDED_EMBEDDER, Precision, resolve_precision
 from ops.models.lm import EMBEDDED_MODEL, prepare_model_files
 from ops.saes.registry import load_sae, sae_hook_name, sae_id
+from ops.steering.engine import check_steerable
 from ops.texts import read_many
 from workflows._config import parse_config
 
@@ -224,10 +225,13 @@ def _check_progress(lake: Lake, key: DatasetKey, pool: PreparedPool, cfg: BuildL
 
 
 def _dataset_key(cfg: BuildLakeConfig) -> DatasetKey:
+    """The dataset the job writes; refuses, before any work, an SAE or hook that generation and
+    the service could not steer with (the lake exists to score latents for steering)."""
     sae = load_sae(cfg.sae)
     hook = cfg.hook or sae_hook_name(sae)
     if not hook:
         raise SaealignError("the SAE records no hook; fix: pass --hook")
+    check_steerable(sae, hook)
     return DatasetKey(model=cfg.model, sae=sae_id(cfg.sae), hook=hook, summary=cfg.summary)
 
 
@@ -347,17 +351,12 @@ def _finalise(
     cfg: BuildLakeConfig, key: DatasetKey, lake: Lake, pool: PreparedPool, wall: float, timings: dict[str, float]
 ) -> dict[str, Any]:
     """Writes ``latent_stats`` and the manifest; ``wall`` is the job's start (perf_counter)."""
-    import pyarrow.dataset as pads
-
-    def dataset(table: str) -> pads.Dataset:
-        return pads.dataset(lake.table_glob(table, key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet")
-
     # streamed: memory stays bounded by d_sae and one record batch, whatever the pool size
     sae = load_sae(cfg.sae)
-    acts = dataset("activations")
+    acts = lake.dataset("activations", key)
     stats = latent_stats_table(acts.to_batches(columns=["latent", "value"]), int(sae.cfg.d_sae))
     lake.write_table(lake.stats_path(key), stats, LATENT_STATS)
-    prompts = dataset("prompts").to_table(columns=["n_tokens", "truncated"])
+    prompts = lake.dataset("prompts", key).to_table(columns=["n_tokens", "truncated"])
     manifest = base_manifest("lake-dataset", asdict(cfg))
     manifest.update(
         dataset=key.name,
@@ -367,7 +366,7 @@ def _finalise(
         pool=describe_pool(pool),
         rows={
             "prompts": prompts.num_rows,
-            "embeddings": dataset("embeddings").count_rows(),
+            "embeddings": lake.dataset("embeddings", key).count_rows(),
             "activations": acts.count_rows(),
             "latent_stats": stats.num_rows,
         },
@@ -387,20 +386,15 @@ def _finalise(
 
 
 def report_coverage(cfg: BuildLakeConfig, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Coverage (support >= 1 and >= 20) for pool sizes 2^7..2^13, 5 samples each."""
+    """Coverage (support >= 1 and >= 20) for the pool sizes 2^7..2^13 the pool fills, 5 samples each."""
     import json
     from pathlib import Path
 
-    import pyarrow.dataset as pads
-
     from ops.evals.report import curve_figure
-    from ops.scoring.coverage import coverage_curve
+    from ops.scoring.coverage import dataset_coverage
 
     lake, key = Lake(cfg.lake), DatasetKey(**manifest["key"])
-    acts = pads.dataset(
-        lake.table_glob("activations", key).rsplit("/", 1)[0], filesystem=lake.fs, format="parquet"
-    ).to_table(columns=["prompt_id", "latent"])
-    points = [asdict(p) for p in coverage_curve(acts, manifest["d_sae"])]
+    points = [asdict(p) for p in dataset_coverage(lake, key, manifest["d_sae"])]
     out = Path(cfg.coverage_out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "coverage.json").write_text(json.dumps(points, indent=1) + "\n")

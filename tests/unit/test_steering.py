@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,13 +15,17 @@ import pytest
 import torch
 
 from ops.errors import SaealignError, SAEMismatchError
-from ops.models.lm import LanguageModel, hooked_from_llama
+from ops.models.lm import LanguageModel, hooked_from_hf
 from ops.steering.engine import (
     BatchSteerer,
     SAEView,
     SteeringSpec,
     check_scores_sae,
+    check_steerable,
     contamination,
+    decoder_layer_of,
+    hf_hook_modules,
+    latent_view,
     latents_changed,
     steering_hook,
     swap_acts,
@@ -74,27 +80,43 @@ def model() -> LanguageModel:
     hf = LlamaForCausalLM(cfg).eval()
     for p in hf.parameters():
         p.requires_grad_(False)
-    tl = hooked_from_llama(hf, None, 256, "cpu").eval()
+    tl = hooked_from_hf(hf, None, 256, "cpu", "tiny").eval()
     return LanguageModel(
         name="tiny", tokenizer=CharTokenizer(), device="cpu", prepend_bos=True, n_ctx=256, _hf=hf, _tl=tl
     )
 
 
 def _sae(kind: str, rescale: bool = False) -> Any:
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        GatedSAE,
+        GatedSAEConfig,
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     torch.manual_seed(1)
     if kind == "topk":
         sae: Any = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=6, rescale_acts_by_decoder_norm=rescale))
     elif kind == "relu":
         sae = StandardSAE(StandardSAEConfig(d_in=D_MODEL, d_sae=D_SAE))
+    elif kind == "gated":
+        sae = GatedSAE(GatedSAEConfig(d_in=D_MODEL, d_sae=D_SAE))
     else:
         sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=D_MODEL, d_sae=D_SAE))
     with torch.no_grad():
         sae.W_enc.normal_(0, 1.0 / D_MODEL**0.5)
         sae.W_dec.copy_(sae.W_enc.T * 0.5)
-        sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.05)
+        if kind == "gated":  # gate and magnitude biases differ: the gate threshold is not 0
+            sae.b_gate.normal_(0, 0.1)
+            sae.b_mag.normal_(0, 0.1)
+            sae.r_mag.normal_(0, 0.3)
+        else:
+            sae.b_enc.normal_(0, 0.1)
         if kind == "jumprelu":
             sae.threshold.uniform_(0.0, 0.3)
     sae.cfg.metadata.hook_name = HOOK
@@ -125,7 +147,9 @@ def _acts(model: LanguageModel, n: int = 40) -> torch.Tensor:
 # Pure interventions
 
 
-@pytest.mark.parametrize(("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False)])
+@pytest.mark.parametrize(
+    ("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False), ("gated", False)]
+)
 def test_view_matches_sae_encode_decode(model: LanguageModel, kind: str, rescale: bool) -> None:
     sae = _sae(kind, rescale)
     view, x = SAEView.of(sae), _acts(model)
@@ -135,7 +159,9 @@ def test_view_matches_sae_encode_decode(model: LanguageModel, kind: str, rescale
     assert (acts > 0).sum(-1).float().mean() > 1  # the SAE is not dead
 
 
-@pytest.mark.parametrize(("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False)])
+@pytest.mark.parametrize(
+    ("kind", "rescale"), [("topk", False), ("topk", True), ("relu", False), ("jumprelu", False), ("gated", False)]
+)
 def test_swap_with_unit_scores_is_sae_exactly(model: LanguageModel, kind: str, rescale: bool) -> None:
     sae = _sae(kind, rescale)
     view, x = SAEView.of(sae), _acts(model)
@@ -154,7 +180,7 @@ def test_swap_with_unit_scores_is_sae_exactly(model: LanguageModel, kind: str, r
     assert torch.all(stats.contamination == 0)  # all scores 1
 
 
-@pytest.mark.parametrize("kind", ["relu", "jumprelu"])
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "gated"])
 def test_swap_keeps_active_set_size_for_relu_saes(model: LanguageModel, kind: str, scores: torch.Tensor) -> None:
     view, x = SAEView.of(_sae(kind)), _acts(model)
     gamma = view.pre(x)
@@ -163,12 +189,13 @@ def test_swap_keeps_active_set_size_for_relu_saes(model: LanguageModel, kind: st
     k_t = (acts > 0).sum(-1)
     candidates = (gamma * torch.nan_to_num(scores, nan=0.0) > 0).sum(-1)
     # k_t preserved up to the number of candidates (for ReLU every candidate is already active,
-    # so Swap drops the unscored latents; JumpReLU can bring in latents below their threshold)
+    # so Swap drops the unscored latents; JumpReLU and gated SAEs can bring in latents below
+    # their threshold: a gated SAE's gate is a JumpReLU threshold on its magnitude path)
     assert torch.equal((swapped > 0).sum(-1), torch.minimum(k_t, candidates))
     assert latents_changed(swapped, acts).sum() > 0
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("kind", ["topk", "relu", "jumprelu", "gated"])
 def test_clamp_changes_exactly_clamp_k_latents(model: LanguageModel, kind: str, scores: torch.Tensor) -> None:
     view, x = SAEView.of(_sae(kind)), _acts(model)
     real = torch.ones(x.shape[:2], dtype=torch.bool)
@@ -183,6 +210,43 @@ def test_clamp_changes_exactly_clamp_k_latents(model: LanguageModel, kind: str, 
         mult = BatchSteerer(view, [SteeringSpec("clamp", scores, clamp_k=k)])
         _, stats = mult.apply(x, real, protected)
         assert stats is not None and torch.all(stats.latents_changed[real] <= k)
+
+
+def test_architectures_steering_cannot_run_name_themselves_and_the_fix(tmp_path: Path) -> None:
+    from ops.saes.registry import load_sae
+    from tests.conftest import make_sae, save_sae
+
+    with pytest.raises(SAEMismatchError, match=r"cannot use a 'transcoder' SAE.*fix: use a standard, jumprelu"):
+        latent_view(make_sae("transcoder", D_MODEL, D_SAE, HOOK))
+    # a BatchTopK SAE as sae-lens saves it for inference is a JumpReLU SAE
+    saved = load_sae(str(save_sae("batchtopk", tmp_path / "btk", D_MODEL, D_SAE, HOOK)))
+    assert saved.cfg.architecture() == "jumprelu" and SAEView.of(saved).kind == "jumprelu"
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer"),
+    [("blocks.0.hook_resid_post", 0), ("blocks.2.hook_resid_pre", 1), ("blocks.2.hook_resid_post", 2)],
+)
+def test_residual_hooks_map_to_decoder_layer_outputs(model: LanguageModel, hook: str, layer: int) -> None:
+    assert decoder_layer_of(hook) == layer
+    base, module = hf_hook_modules(model.hf, hook)
+    assert base is model.hf.model and module is model.hf.model.layers[layer]
+
+
+@pytest.mark.parametrize(
+    ("hook", "fix"),
+    [
+        ("blocks.1.attn.hook_z", "blocks.1.hook_resid_post or blocks.2.hook_resid_pre"),
+        ("blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"),
+        ("blocks.1.hook_resid_mid", "blocks.1.hook_resid_post"),
+        ("blocks.0.hook_resid_pre", "blocks.0.hook_resid_post or blocks.1.hook_resid_pre"),
+    ],
+)
+def test_hooks_steering_cannot_serve_are_refused_with_the_fix(model: LanguageModel, hook: str, fix: str) -> None:
+    with pytest.raises(SAEMismatchError, match=f"not '{re.escape(hook)}'; fix: .*{re.escape(fix)}"):
+        check_steerable(_sae("relu"), hook)
+    with pytest.raises(SAEMismatchError, match=re.escape(hook)), steering_hook(model.hf, None, hook, SteeringSpec()):
+        pass
 
 
 def test_contamination_bounds_and_zero_over_zero(model: LanguageModel, sae: Any, scores: torch.Tensor) -> None:
