@@ -1,2 +1,3 @@
 """AlignSAE: concept ontologies (``ontology``), post-training with concept slots (``training``),
-its metrics (``metrics``) and concept swaps through the engine (``swaps``)."""
+its metrics (``metrics``), concept swaps through the engine (``swaps``) and the protocol that
+runs them in order (``protocol``)."""
