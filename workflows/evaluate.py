@@ -40,6 +40,7 @@ from ops.evals.methods import (
     score_results,
     standard_runs,
     summarise_method,
+    swap_vs_orig,
 )
 from ops.lake.contract import DatasetKey, Lake
 from ops.models.embedders import embed
@@ -204,7 +205,7 @@ def build(cfg: EvaluateConfig) -> dict[str, Any]:
         "prompts": prompts,
         "summary": summaries,
         "recommendation": recommend(summaries),
-        "swap_vs_orig": _swap_vs_orig(summaries, evaluated, len(prompts)),
+        "swap_vs_orig": swap_vs_orig(summaries, evaluated, len(prompts)),
         "costs": {
             "set_up": json.loads(cfg.setup_costs) if cfg.setup_costs else {"lake_wall_s": manifest.get("wall_s")},
             "per_topic": _per_topic_cost(lake, key, align, embedder),
@@ -248,23 +249,6 @@ def build_suite(cfg: EvaluateConfig) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
     (out / "report.html").write_text(_evaluate_report.render_suite(report))
     return report
-
-
-def _swap_vs_orig(summaries: list[dict[str, Any]], evaluated: list[Evaluated], n_prompts: int) -> dict[str, Any]:
-    """Swap beside orig and Clamp, measured (no thresholds): the share of prompts on which Swap's
-    continuations are closer to the topic than orig's, its median perplexity over orig's, and the
-    mean contamination of Swap and Clamp."""
-    by = {s["method"]: s for s in summaries}
-    ev = {e.label: e for e in evaluated}
-    if "swap" not in ev or "clamp" not in by:
-        return {}
-    per_prompt = lambda e: e.column("distance").reshape(-1, n_prompts).mean(0)  # noqa: E731
-    return {
-        "swap_closer_than_orig_share": float((per_prompt(ev["swap"]) < per_prompt(ev["orig"])).mean()),
-        "swap_perplexity_ratio": by["swap"]["median_perplexity"] / by["orig"]["median_perplexity"],
-        "swap_contamination": by["swap"]["contamination"],
-        "clamp_contamination": by["clamp"]["contamination"],
-    }
 
 
 def _json_default(value: Any) -> Any:

@@ -213,3 +213,20 @@ def recommend(summaries: list[dict[str, Any]], ppl_budget: float = 1.5) -> dict[
         "distance": best["distance"],
         "perplexity_ratio": best["median_perplexity"] / base,
     }
+
+
+def swap_vs_orig(summaries: list[dict[str, Any]], evaluated: list[Evaluated], n_prompts: int) -> dict[str, Any]:
+    """Swap beside orig and Clamp, measured (no thresholds): the share of prompts on which Swap's
+    continuations are closer to the topic than orig's, its median perplexity over orig's, and the
+    mean contamination of Swap and Clamp."""
+    by = {s["method"]: s for s in summaries}
+    ev = {e.label: e for e in evaluated}
+    if "swap" not in ev or "clamp" not in by:
+        return {}
+    per_prompt = lambda e: e.column("distance").reshape(-1, n_prompts).mean(0)  # noqa: E731
+    return {
+        "swap_closer_than_orig_share": float((per_prompt(ev["swap"]) < per_prompt(ev["orig"])).mean()),
+        "swap_perplexity_ratio": by["swap"]["median_perplexity"] / by["orig"]["median_perplexity"],
+        "swap_contamination": by["swap"]["contamination"],
+        "clamp_contamination": by["clamp"]["contamination"],
+    }
