@@ -1,4 +1,4 @@
-"""Length-grouped batching shared by the LM (``ops.models.activations.iter_batches``) and the sentence
+"""Length-grouped batching shared by the LM (``ops.steering.activations.iter_batches``) and the sentence
 embedder (``ops.models.embedders.embed``): texts sorted by length, each batch capped in padded tokens."""
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ import torch
 
 from ops.errors import SaealignError
 from ops.manifest import base_manifest, write_json_atomic
-from ops.models.activations import check_hook
 from ops.models.lm import EMBEDDED_MODEL, load_model, resolve_device
 from ops.saes.quality import evaluate_sae
 from ops.saes.training import collect_activations, make_training_sae, train_sae
+from ops.steering.activations import check_hook
 from ops.texts import read_many
 from workflows._config import parse_config
 

@@ -49,8 +49,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ops.errors import SaealignError
-from ops.models.activations import iter_batches, run_to_hook
 from ops.models.lm import LanguageModel
+from ops.steering.activations import iter_batches, run_to_hook
 from ops.steering.engine import SAEView
 
 log = logging.getLogger(__name__)

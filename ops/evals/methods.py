@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ops.lake.contract import DatasetKey, Lake
-from ops.models.activations import iter_batches, run_to_hook
 from ops.models.embedders import embed
 from ops.models.lm import LanguageModel
 from ops.scoring.scores import min_distances
+from ops.steering.activations import iter_batches, run_to_hook
 from ops.steering.engine import METHODS, SteeringSpec
 from ops.steering.generation import GenerationResult, SamplingParams, continuation_perplexities, generate
 

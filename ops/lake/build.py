@@ -20,10 +20,10 @@ import torch
 from ops.errors import SaealignError
 from ops.lake.contract import EMBEDDINGS, LATENT_STATS, PROMPTS, prompt_id
 from ops.lake.summaries import sparse_rows, summarise
-from ops.models.activations import iter_batches, run_to_hook
 from ops.models.embedders import Precision, embed
 from ops.models.lm import load_model
 from ops.saes.registry import check_sae_fits, load_sae
+from ops.steering.activations import iter_batches, run_to_hook
 from ops.texts import TextTable
 
 

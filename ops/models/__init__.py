@@ -1,2 +1,2 @@
-"""Models: the language-model registry (``lm``), sentence embedders (``embedders``) and reading a
-model's activations at a hook (``activations``)."""
+"""Models: the language-model registry (``lm``: the HF model and its TransformerLens twin) and
+sentence embedders (``embedders``)."""

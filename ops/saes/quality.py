@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ops.models.activations import TokenBatch, iter_batches, run_to_hook
 from ops.models.lm import LanguageModel
+from ops.steering.activations import TokenBatch, iter_batches, run_to_hook
 from ops.steering.engine import hook_layer
 
 

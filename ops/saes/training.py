@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ops.errors import SaealignError
-from ops.models.activations import iter_batches, run_to_hook
 from ops.models.lm import LanguageModel
+from ops.steering.activations import iter_batches, run_to_hook
 
 log = logging.getLogger(__name__)
 

@@ -1,2 +1,3 @@
-"""The one intervention engine (``engine``: every edit of the model at a hook) and steered
-generation through it (``generation``: KV-cached decode, per-row specs and seeds)."""
+"""Everything at a hook: the one intervention engine (``engine``: every edit of the model),
+reading activations through it (``activations``) and steered generation (``generation``:
+KV-cached decode, per-row specs and seeds)."""

@@ -42,9 +42,9 @@ import numpy as np
 import psutil
 import torch
 
-from ops.models.activations import iter_batches, run_to_hook
 from ops.models.lm import load_model
 from ops.saes.registry import load_sae
+from ops.steering.activations import iter_batches, run_to_hook
 from ops.texts import read_texts
 from tests.benchmarks.machine import DATA, write_result
 from workflows.build_lake import BuildLakeConfig, build

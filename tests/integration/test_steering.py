@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ops.models.activations import iter_batches, run_to_hook
 from ops.saes.registry import DEFAULT_SAE_DIR, load_sae
+from ops.steering.activations import iter_batches, run_to_hook
 from ops.steering.engine import SteeringSpec, special_ids_of, steering_hook, tl_steering_hook
 from ops.steering.generation import SamplingParams, generate
 
