@@ -3,17 +3,18 @@
 One deployment, :class:`SaealignService`, loads the LM, the SAE and every scored topic of a lake
 dataset once per replica (:class:`workflows.serve_engine.Engine`), and answers:
 
-==========================  ==================================================================
-``GET /``                   the web page (``workflows/static``: plain HTML + JS, no build step)
-``POST /generate``          one steered continuation with per-token contamination
-``POST /generate/stream``   the same as server-sent events, one ``token`` event per new token
-``POST /compare``           the prompt under ``orig`` and each requested method, same seed
-``GET /topics``             the scored topics; ``GET /topics/{name}`` one with its top latents
-``POST /topics``            score a new topic from texts (DuckDB scoring, stored in the lake)
-``POST /v1/completions``    OpenAI legacy completions (``topic``, ``method`` as extra fields)
-``GET /v1/models``          the served model, for OpenAI clients
-``GET /healthz``            liveness and what is loaded
-==========================  ==================================================================
+=============================  ================================================================
+``GET /``                      the web page (``workflows/static``: plain HTML + JS, no build step)
+``POST /generate``             one steered continuation with per-token contamination
+``POST /generate/stream``      the same as server-sent events, one ``token`` event per new token
+``POST /compare``              the prompt under ``orig`` and each requested method, same seed
+``GET /topics``                the scored topics; ``GET /topics/{name}`` one with its top latents
+``POST /topics``               score a new topic from texts (DuckDB scoring, stored in the lake)
+``POST /v1/completions``       OpenAI legacy completions (``topic``, ``method``, ``options`` extra)
+``POST /v1/chat/completions``  OpenAI chat (the model's chat template), the same extra fields
+``GET /v1/models``             the served model, with the methods, topics and options a request may use
+``GET /healthz``               liveness and what is loaded
+=============================  ================================================================
 
 Concurrent generation requests are batched by :class:`workflows.serve_engine.Batcher` (an
 asyncio queue in front of the engine): each row carries its own steering spec (topic scores,
@@ -39,13 +40,14 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from fastapi import FastAPI, Request
@@ -54,16 +56,21 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import RootModel
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ops.errors import SaealignError, TopicExistsError
 from ops.lake.contract import Lake
 from ops.scoring.scores import resolve_dataset
 from workflows._config import parse_config
 from workflows.serve_api import (
+    ChatCompletionRequest,
     CompareRequest,
     CompletionRequest,
     GenerateRequest,
+    Method,
+    OpenAIRequest,
     RequestLimitError,
+    SteeringOptions,
     TopicRequest,
     check_limits,
     error_body,
@@ -106,6 +113,13 @@ async def _on_validation(request: Request, exc: RequestValidationError) -> JSONR
     return JSONResponse(body, status_code=body["error"]["code"])
 
 
+@api.exception_handler(StarletteHTTPException)
+async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (a body that cannot be decoded, an unknown path, a wrong method) in
+    the same error shape as every other error."""
+    return _error(exc.status_code, str(exc.detail), None)
+
+
 @api.exception_handler(RequestLimitError)
 async def _on_limit(request: Request, exc: RequestLimitError) -> JSONResponse:
     return _error(422, str(exc), exc.field)
@@ -124,6 +138,41 @@ async def _on_saealign(request: Request, exc: SaealignError) -> JSONResponse:
 async def _on_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s", request.url.path)
     return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class _OpenAIShape:
+    """How an OpenAI endpoint words its answer: ids, object names, a choice, a streamed delta."""
+
+    prefix = object = chunk_object = ""
+
+    def choice(self, text: str, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta(self, piece: str, finish: str | None, first: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _TextCompletion(_OpenAIShape):
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def choice(self, text: str, finish: str) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+    def delta(self, piece: str, finish: str | None, first: bool) -> dict[str, Any]:
+        return self.choice(piece, finish)  # type: ignore[arg-type]
+
+
+class _ChatCompletion(_OpenAIShape):
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, text: str, finish: str) -> dict[str, Any]:
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    def delta(self, piece: str, finish: str | None, first: bool) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": piece} if piece else {}
+        if first:
+            delta["role"] = "assistant"
+        return {"index": 0, "delta": delta, "finish_reason": finish}
 
 
 def _sse(event: str, data: Any) -> str:
@@ -272,36 +321,58 @@ class SaealignService:
 
     @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
-        name = self.engine.key.model
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "saealign"}]}
+        """The served model, with what a request may add under ``extra_body``: ``saealign.methods``,
+        ``saealign.topics`` (scored topic names) and ``saealign.options`` (the steering options'
+        JSON schema: type, default, bounds, description)."""
+        topics = await asyncio.to_thread(self.engine.topic_list)
+        extras = {
+            "methods": list(get_args(Method)),
+            "topics": [t["topic"] for t in topics],
+            "options": SteeringOptions.model_json_schema()["properties"],
+        }
+        model = {"id": self.engine.key.model, "object": "model", "created": 0, "owned_by": "saealign"}
+        return {"object": "list", "data": [{**model, "saealign": extras}]}
 
     @api.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Any:
+        return await self._openai(req, req.prompt_text(), _TextCompletion())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest) -> Any:
+        prompt = self.engine.chat_prompt([m.model_dump() for m in req.messages])
+        return await self._openai(req, prompt, _ChatCompletion())
+
+    async def _openai(self, req: OpenAIRequest, prompt: str, shape: _OpenAIShape) -> Any:
+        """One OpenAI-style request: the prompt steered as a /generate request, answered in
+        ``shape`` (text or chat completion), streamed or whole."""
         started = time.perf_counter()
-        greq = req.as_generate()
+        greq = req.as_generate(prompt)
         (row,) = await self._rows(greq, [greq.method])
-        base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        base = {"id": f"{shape.prefix}-{uuid.uuid4().hex}", "object": shape.object, "created": int(time.time())}
         base["model"] = self.engine.key.model
         if req.stream:
-            return StreamingResponse(self._completion_chunks(row, req, base), media_type="text/event-stream")
+            chunks = self._openai_chunks(row, req, {**base, "object": shape.chunk_object}, shape)
+            return StreamingResponse(chunks, media_type="text/event-stream")
         res = await self._run(row, started)
         text, stopped = _apply_stop(res["text"], req.stops())
         finish = "stop" if stopped or res["finish_reason"] == "eos" else "length"
         n_prompt, n_out = len(res["prompt_token_ids"]), len(res["token_ids"])
         return {
             **base,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "choices": [shape.choice(text, finish)],
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
             "saealign": {k: res[k] for k in ("method", "topic", "tokens", "contamination", "latents_changed")}
             | {"mean_contamination": res["mean_contamination"], "timings": res["timings"]},
         }
 
-    async def _completion_chunks(self, row: Row, req: CompletionRequest, base: dict[str, Any]) -> AsyncIterator[str]:
+    async def _openai_chunks(
+        self, row: Row, req: OpenAIRequest, base: dict[str, Any], shape: _OpenAIShape
+    ) -> AsyncIterator[str]:
         """OpenAI streaming: ``data: {chunk}`` per token, a last chunk with the finish reason, ``[DONE]``."""
         stops, text, finish = req.stops(), "", "length"
 
         def chunk(piece: str, reason: str | None, extra: dict[str, Any] | None = None) -> str:
-            choice = {"text": piece, "index": 0, "logprobs": None, "finish_reason": reason}
+            choice = shape.delta(piece, reason, first=not text and reason is None)
             return f"data: {json.dumps({**base, 'choices': [choice], **(extra or {})})}\n\n"
 
         async with aclosing(self._stream(row)) as stream:
@@ -313,9 +384,10 @@ class SaealignService:
                     finish = "stop" if payload.finish_reason == "eos" else "length"
                     break
                 cut, stopped = _apply_stop(text + payload["text"], stops)
-                piece, text = cut[len(text) :], cut
+                piece = cut[len(text) :]
                 if piece:
                     yield chunk(piece, None, {"saealign": {"contamination": payload["contamination"]}})
+                text = cut
                 if stopped:
                     finish = "stop"
                     break
@@ -358,14 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     resolve_dataset(Lake(cfg.lake), cfg.dataset)  # fail fast, before starting Ray
     ray.init(**({"address": cfg.address} if cfg.address else {"include_dashboard": False}))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name="saealign", route_prefix="/")
-    print(f"saealign serving on http://{cfg.host}:{cfg.port}/  (Ctrl-C to stop)", flush=True)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a TERM stops it as Ctrl-C does
     try:
+        serve.run(build_app(cfg), name="saealign", route_prefix="/")
+        print(f"saealign serving on http://{cfg.host}:{cfg.port}/  (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # stops the local Ray this command started, with every process of it
     return 0
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -183,8 +183,9 @@ class TopicRequest(BaseModel):
         return kept
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions (OpenAI legacy completions) with saealign's fields as extras.
+class OpenAIRequest(BaseModel):
+    """Fields shared by the OpenAI-compatible requests, with saealign's steering fields as extras
+    (OpenAI clients send them with ``extra_body={...}``).
 
     ``temperature`` 0 means greedy. ``top_p`` other than 1, ``n`` other than 1, ``best_of``,
     ``echo`` and ``logprobs`` are not supported (422). Unknown fields are ignored."""
@@ -192,7 +193,6 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
     max_tokens: int = Field(default=16, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     temperature: float = Field(default=1.0, ge=0, le=100)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -201,39 +201,34 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | bool | None = None
     best_of: int | None = None
     user: str | None = None
-    # saealign extras (OpenAI clients: extra_body={...})
+    # saealign extras
     topic: str | None = Field(default=None, pattern=TOPIC_PATTERN)
     method: Method = "orig"
     top_k: int = Field(default=5, ge=0, le=1_000_000)
     options: SteeringOptions = SteeringOptions()
 
     @model_validator(mode="after")
-    def _supported(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: give one prompt (a string or a list of one string)")
+    def _supported(self) -> OpenAIRequest:
         if self.top_p != 1.0:
             raise ValueError("top_p: not supported; use top_k")
-        if self.echo or self.logprobs is not None or self.best_of not in (None, 1):
+        if self.echo or self.logprobs not in (None, False) or self.best_of not in (None, 1):
             raise ValueError("echo: echo, logprobs and best_of are not supported")
         if self.method in SCORED_METHODS and not self.topic:
             raise ValueError(f"topic: method '{self.method}' needs a topic")
         return self
-
-    def prompt_text(self) -> str:
-        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
 
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
         return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
-    def as_generate(self) -> GenerateRequest:
-        """The equivalent /generate request (validated again, so its limits apply)."""
+    def as_generate(self, prompt: str) -> GenerateRequest:
+        """The equivalent /generate request for ``prompt`` (validated again, so its limits apply)."""
         return GenerateRequest(
-            prompt=self.prompt_text(),
+            prompt=prompt,
             topic=self.topic,
             method=self.method,
             max_new_tokens=self.max_tokens,
@@ -244,6 +239,44 @@ class CompletionRequest(BaseModel):
             ignore_eos=False,
             options=self.options,
         )
+
+
+class CompletionRequest(OpenAIRequest):
+    """POST /v1/completions (OpenAI legacy completions)."""
+
+    prompt: str | list[str] = Field(description="One prompt (a list of exactly one is accepted).")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ValueError("prompt: give one prompt (a string or a list of one string)")
+        return self
+
+    def prompt_text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation (text content only)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """POST /v1/chat/completions: the conversation goes through the model's chat template (with
+    the assistant's turn opened), then is continued like a completion prompt."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+
+    @model_validator(mode="after")
+    def _tokens(self) -> ChatCompletionRequest:
+        if self.max_completion_tokens is not None:  # the newer name of max_tokens
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

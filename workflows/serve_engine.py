@@ -261,6 +261,15 @@ class Engine:
         spec.check_fits(self.d_sae)
         return spec
 
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation as the model's chat template writes it, the assistant's turn opened."""
+        tokenizer = self.model.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise SaealignError(
+                f"model '{self.key.model}' has no chat template; fix: use /v1/completions with a plain prompt"
+            )
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
     def check_prompt(self, prompt: str, max_new_tokens: int) -> int:
         """The prompt's token count; raises when it does not fit the limits or the context."""
         n = len(self.model.tokenize([prompt], max_length=10**9)[0])

@@ -149,6 +149,7 @@ def test_suite_html_has_a_plot_per_topic(report_dir: Path, suite_report: dict[st
 
 
 def test_generate_with_diffmean_steers_through_the_engine(report_dir: Path) -> None:
+    from ops.steering.generation import SamplingParams
     from workflows.generate import GenerateConfig
     from workflows.generate import build as generate
 
@@ -159,8 +160,7 @@ def test_generate_with_diffmean_steers_through_the_engine(report_dir: Path) -> N
             method=("diffmean",),
             compare=True,
             lake=str(report_dir.parent / "lake"),
-            max_new_tokens=6,
-            greedy=True,
+            sampling=SamplingParams(max_new_tokens=6, greedy=True),
             diffmean_scale=scale,
         )
         out = generate(cfg)

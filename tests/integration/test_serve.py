@@ -228,6 +228,36 @@ def test_openai_client_completions_and_stream(url: str, client: httpx.Client) ->
         oa.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=2, extra_body={"topic": "nope"})
 
 
+def test_openai_client_chat_completions_and_stream(url: str, client: httpx.Client) -> None:
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    listed = client.get("/v1/models").json()["data"][0]["saealign"]
+    assert {"medical", "sport"} <= set(listed["topics"]) and "swap" in listed["methods"]
+    assert listed["options"]["clamp_k"]["default"] == 5
+    messages = [{"role": "user", "content": "Tell me about your day."}]
+    extra = {"topic": "sport", "method": "swap"}
+    done = oa.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=6, seed=3, extra_body=extra)
+    # the same as /generate on the conversation written by the model's chat template
+    from ops.models.lm import EMBEDDED_MODEL, load_model
+
+    tokenizer = load_model(EMBEDDED_MODEL).tokenizer
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    expected = _generate(client, prompt=prompt, topic="sport", method="swap", seed=3)
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content == expected["text"]
+    assert done.usage is not None and done.usage.completion_tokens == len(expected["token_ids"])
+    chunks = list(
+        oa.chat.completions.create(
+            model="smollm2-135m", messages=messages, max_tokens=6, seed=3, extra_body=extra, stream=True
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["text"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.UnprocessableEntityError):
+        oa.chat.completions.create(model="smollm2-135m", messages=[], max_tokens=2)
+
+
 def test_openai_raw_http_stop_and_greedy(client: httpx.Client) -> None:
     body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0}
     first = client.post("/v1/completions", json=body).json()
@@ -281,6 +311,9 @@ def test_bad_requests_get_4xx_and_the_service_stays_up(client: httpx.Client) -> 
     headers = {"content-type": "application/json"}
     assert "malformed JSON" in err(client.post("/generate", content=b'{"prompt": ', headers=headers), 400)["message"]
     assert "malformed JSON" in err(client.post("/v1/completions", content=b"{x", headers=headers), 400)["message"]
+    not_utf8 = err(client.post("/generate", content=b'{"prompt": "\xff\xfe"}', headers=headers), 400)
+    assert not_utf8["type"] == "invalid_request_error" and not_utf8["message"]
+    assert err(client.get("/no/such/path"), 404)["code"] == 404
     e = err(client.post("/generate", json={"prompt": PROMPT, "topic": "nope", "method": "swap"}), 404)
     assert "nope" in e["message"] and e["param"] == "topic"
     e = err(client.post("/generate", json={"prompt": "x" * 401, "method": "orig"}), 422)
@@ -303,3 +336,40 @@ def test_bad_requests_get_4xx_and_the_service_stays_up(client: httpx.Client) -> 
     assert stream.status_code == 404
     assert client.get("/healthz").json()["status"] == "ok"
     assert len(_generate(client, topic="medical", method="swap")["token_ids"]) >= 1
+
+
+def test_sigterm_stops_the_service_and_every_process_it_started(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``saealign serve`` under SIGTERM (as a container runtime or systemd stops it): it exits 0
+    and leaves none of the processes it started (Ray's raylet, agents, Serve replicas)."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    lake = service_lake(tmp_path_factory.getbasetemp())
+    port = free_port()
+    cmd = [sys.executable, "-m", "workflows.cli", "serve", "--lake", str(lake), "--port", str(port)]
+    log = tmp_path_factory.mktemp("sigterm") / "serve.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text(errors="replace")[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            pytest.fail("the service did not come up")
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "saealign serve started no processes"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.info if hasattr(p, "info") else p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
