@@ -1,4 +1,4 @@
-"""The architecture matrix (issue #22, paper A's C1: any SAE, any LM), end to end, offline.
+"""The architecture matrix (paper A's constraint C1: any SAE, any LM), end to end, offline.
 
 Every steerable sae-lens SAE kind (standard, JumpReLU, TopK, BatchTopK as saved for inference,
 gated) on every model family with a TransformerLens twin (Llama, GPT-2, Gemma-2), each a tiny
