@@ -81,6 +81,7 @@ from workflows.serve_engine import (
     Engine,
     Row,
     ServeConfig,
+    ServiceBusyError,
     StreamCancelled,
     UnknownTopicError,
     result_dict,
@@ -131,6 +132,10 @@ async def _on_saealign(request: Request, exc: SaealignError) -> JSONResponse:
         return _error(404, str(exc), "topic")
     if isinstance(exc, TopicExistsError):
         return _error(409, str(exc), "name")
+    if isinstance(exc, ServiceBusyError):
+        resp = _error(429, str(exc))
+        resp.headers["Retry-After"] = str(exc.retry_after_s)
+        return resp
     return _error(400, str(exc))
 
 
@@ -196,7 +201,7 @@ class SaealignService:
         self.cfg = cfg
         self.engine = Engine(cfg)
         self.replica = uuid.uuid4().hex[:8]
-        self.batcher = Batcher(self.engine.run_rows, cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self.batcher = Batcher(self.engine.run_rows, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_queued_rows)
         if cfg.warmup:
             self.engine.warm_up()
 
@@ -212,7 +217,9 @@ class SaealignService:
     async def _rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[Row]:
         if req.topic and req.topic not in self.engine.topics:
             await asyncio.to_thread(self.engine.topic, req.topic)  # loads it, or 404
-        return self.engine.rows(req, methods)
+        rows = self.engine.rows(req, methods)
+        self.batcher.admit(len(rows))  # or 429: the queue is full
+        return rows
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -240,7 +247,11 @@ class SaealignService:
             "topics": sorted(e.topics),
             "load_s": e.load_s,
             "limits": dataclasses.asdict(e.limits),
-            "batching": {"max_batch_size": self.cfg.max_batch_size, "wait_s": self.cfg.batch_wait_timeout_s},
+            "batching": {
+                "max_batch_size": self.cfg.max_batch_size,
+                "wait_s": self.cfg.batch_wait_timeout_s,
+                "max_queued_rows": self.cfg.max_queued_rows,
+            },
         }
 
     @api.post("/generate")

@@ -75,6 +75,9 @@ class ServeConfig:
     """Generation rows batched into one forward pass."""
     batch_wait_timeout_s: float = 0.02
     """How long a batch waits to fill up."""
+    max_queued_rows: int = 64
+    """Rows (a request's methods) that may wait for the next batch per replica; beyond that a
+    request is refused with HTTP 429 and a Retry-After header (back-pressure)."""
     cpus_per_replica: float = 1.0
     """Ray CPUs reserved per replica."""
     gpus_per_replica: float = 0.0
@@ -101,6 +104,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise SaealignError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_queued_rows < 1:
+            raise SaealignError("--max-queued-rows must be at least 1")
         if self.replicas < 1 or self.max_batch_size < 1 or self.max_ongoing_requests < 1:
             raise SaealignError("--replicas, --max-batch-size and --max-ongoing-requests must be at least 1")
         if min(self.batch_wait_timeout_s, self.cpus_per_replica, self.gpus_per_replica, self.torch_threads) < 0:
@@ -373,25 +378,47 @@ def result_dict(
     return out
 
 
+class ServiceBusyError(SaealignError):
+    """The replica's queue is full (the service answers HTTP 429 with Retry-After)."""
+
+    retry_after_s = 1
+
+
 class Batcher:
     """Runs rows submitted by concurrent requests in batches, one batch at a time, through
     ``run(rows) -> results`` in a worker thread.
 
     A batch is formed when the previous one has finished: it takes up to ``max_batch_size``
-    waiting rows, and when fewer are waiting it waits up to ``wait_s`` for more. Rows whose
-    caller went away are dropped before running. ``run`` returns one result or exception per row;
-    an exception raised by ``run`` itself goes to every row of the batch.
+    waiting rows, and when fewer are waiting it waits up to ``wait_s`` for more. At most
+    ``max_queued`` rows wait; a request that would exceed it is refused whole
+    (:class:`ServiceBusyError`). Rows whose caller went away are dropped before running. ``run``
+    returns one result or exception per row; an exception raised by ``run`` itself goes to every
+    row of the batch.
     """
 
     def __init__(
-        self, run: Callable[[list[Row]], list[GenerationResult | Exception]], max_batch_size: int, wait_s: float
+        self,
+        run: Callable[[list[Row]], list[GenerationResult | Exception]],
+        max_batch_size: int,
+        wait_s: float,
+        max_queued: int = 64,
     ) -> None:
         self.run = run
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
+        self.max_queued = max_queued
         self._rows: deque[tuple[Row, asyncio.Future[GenerationResult | Exception]]] = deque()
         self._ready: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
+
+    def admit(self, n_rows: int) -> None:
+        """Raise :class:`ServiceBusyError` unless ``n_rows`` more rows fit in the queue."""
+        waiting = sum(1 for _, future in self._rows if not future.done())
+        if waiting + n_rows > self.max_queued:
+            raise ServiceBusyError(
+                f"the service is busy ({waiting} rows queued, at most {self.max_queued}); "
+                f"fix: retry after {ServiceBusyError.retry_after_s} s"
+            )
 
     async def submit(self, row: Row) -> GenerationResult | Exception:
         loop = asyncio.get_running_loop()
