@@ -16,17 +16,15 @@ dataset once per replica (:class:`workflows.serve_engine.Engine`), and answers:
 ``GET /healthz``               liveness and what is loaded
 =============================  ================================================================
 
-Concurrent generation requests are batched by :class:`workflows.serve_engine.Batcher` (an
-asyncio queue in front of the engine): each row carries its own steering spec (topic scores,
-method, options) and sampling seed, rows with equal sampling parameters run in one
-:func:`ops.steering.generation.generate` call, and every row's output equals what the same request gives
-alone (per-row seeded sampling; tested).
-Why not ``@serve.batch``: it forms the next batch as soon as the previous one *starts* (then
-waits for its semaphore), so with one batch running at a time the batches stay small under load;
-the Batcher forms each batch when the engine is free, from every row waiting then.
-
-Streaming runs one request in a thread and passes ``generate`` an ``on_token`` callback, so each
-token is sent as soon as it is sampled, with the contamination of the step that produced it.
+Concurrent generation requests are scheduled by :class:`workflows.serve_engine.Scheduler` at the
+level of decode steps (iteration-level scheduling): one worker thread per replica drives a
+:class:`ops.steering.generation.RunningBatch`; between two steps, waiting rows join it (their
+prompts prefilled, their KV caches merged) and finished rows leave, so a short request arriving
+while a long one decodes starts at once and ends first. Each row carries its own steering spec
+(topic scores, method, options), sampling parameters and seed, and its output equals what the
+same request gives alone (tested). Streamed rows join the same batch; their tokens are sent as
+soon as they are sampled, with the contamination of the step that produced them. A client that
+goes away (closed stream, cancelled request) takes its row out of the batch at the next step.
 
 Run it: ``saealign serve --lake out/demo/lake`` (binds 127.0.0.1:8000), or
 ``serve run cluster/serve.yaml`` (``import_path: workflows.serve:app`` with typed ``args``).
@@ -61,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ops.errors import SaealignError, TopicExistsError
 from ops.lake.contract import Lake
 from ops.scoring.scores import resolve_dataset
+from ops.steering.generation import GenerationCancelled
 from workflows._config import parse_config
 from workflows.serve_api import (
     ChatCompletionRequest,
@@ -77,12 +76,11 @@ from workflows.serve_api import (
     validation_error_body,
 )
 from workflows.serve_engine import (
-    Batcher,
     Engine,
     Row,
+    Scheduler,
     ServeConfig,
     ServiceBusyError,
-    StreamCancelled,
     UnknownTopicError,
     result_dict,
 )
@@ -201,14 +199,22 @@ class SaealignService:
         self.cfg = cfg
         self.engine = Engine(cfg)
         self.replica = uuid.uuid4().hex[:8]
-        self.batcher = Batcher(self.engine.run_rows, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_queued_rows)
         if cfg.warmup:
             self.engine.warm_up()
+        self._streams: set[asyncio.Task[None]] = set()
+        self.scheduler = Scheduler(
+            self.engine.running_batch, cfg.max_batch_size, cfg.batch_wait_timeout_s, cfg.max_queued_rows
+        )
 
-    # -- batching -------------------------------------------------------------------------------
+    def __del__(self) -> None:
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None:
+            scheduler.stop()
+
+    # -- scheduling -----------------------------------------------------------------------------
 
     async def _run(self, row: Row, started: float) -> dict[str, Any]:
-        res = await self.batcher.submit(row)
+        res = await self.scheduler.submit(row)
         if isinstance(res, Exception):
             raise res
         queue_s = max(0.0, time.perf_counter() - row.queued_at - res.timings["total_s"])
@@ -218,7 +224,7 @@ class SaealignService:
         if req.topic and req.topic not in self.engine.topics:
             await asyncio.to_thread(self.engine.topic, req.topic)  # loads it, or 404
         rows = self.engine.rows(req, methods)
-        self.batcher.admit(len(rows))  # or 429: the queue is full
+        self.scheduler.admit(len(rows))  # or 429: the queue is full
         return rows
 
     # -- routes ---------------------------------------------------------------------------------
@@ -251,6 +257,8 @@ class SaealignService:
                 "max_batch_size": self.cfg.max_batch_size,
                 "wait_s": self.cfg.batch_wait_timeout_s,
                 "max_queued_rows": self.cfg.max_queued_rows,
+                "running_rows": self.scheduler.running,
+                "queued_rows": self.scheduler.queued,
             },
         }
 
@@ -285,8 +293,8 @@ class SaealignService:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _stream(self, row: Row) -> AsyncGenerator[tuple[str, Any], None]:
-        """('token', event)… then ('done', GenerationResult) or ('error', error body), produced by
-        a generation thread; leaving early (client gone) cancels the generation."""
+        """('token', event)… then ('done', GenerationResult) or ('error', error body): the row runs
+        in the scheduler's batch; leaving early (client gone) takes it out at the next step."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
@@ -294,18 +302,21 @@ class SaealignService:
         def put(item: tuple[str, Any]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
-            try:
-                put(("done", self.engine.stream(row, lambda ev: put(("token", ev)), cancelled)))
-            except StreamCancelled:
+        async def run() -> None:
+            res = await self.scheduler.submit(row, self.engine.token_reporter(lambda ev: put(("token", ev))), cancelled)
+            if isinstance(res, GenerationCancelled):
                 put(("error", error_body("cancelled", 499)))
-            except SaealignError as exc:
-                put(("error", error_body(str(exc), 400)))
-            except Exception as exc:
-                log.exception("streaming generation failed")
-                put(("error", error_body(f"internal error: {type(exc).__name__}: {exc}", 500)))
+            elif isinstance(res, SaealignError):
+                put(("error", error_body(str(res), 400)))
+            elif isinstance(res, Exception):
+                log.error("streaming generation failed: %s: %s", type(res).__name__, res)
+                put(("error", error_body(f"internal error: {type(res).__name__}: {res}", 500)))
+            else:
+                put(("done", res))
 
-        loop.run_in_executor(None, work)
+        task = asyncio.ensure_future(run())
+        self._streams.add(task)  # a reference until it ends (the event loop keeps only weak ones)
+        task.add_done_callback(self._streams.discard)
         try:
             while True:
                 kind, payload = await queue.get()
@@ -313,7 +324,7 @@ class SaealignService:
                 if kind != "token":
                     break
         finally:
-            cancelled.set()  # the thread stops at its next decode step
+            cancelled.set()  # the row leaves the batch at its next step
 
     @api.get("/topics")
     async def topics(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The engine of ``saealign serve``: what one replica holds and how it generates, without Ray.
 
 :class:`Engine` loads the LM, the SAE and every scored topic of a lake dataset, scores new topics
-and runs generation rows; :class:`Batcher` runs the rows of concurrent requests in batches, one
-batch at a time. ``workflows/serve.py`` puts them behind the Ray Serve deployment and its FastAPI
+and turns requests into generation rows; :class:`Scheduler` runs the rows of concurrent requests
+with iteration-level scheduling (rows join the running batch between decode steps and leave
+when done). ``workflows/serve.py`` puts them behind the Ray Serve deployment and its FastAPI
 routes.
 """
 
@@ -37,7 +38,16 @@ from ops.scoring.scores import (
     topic_scores,
 )
 from ops.steering.engine import SteeringSpec, check_scores_sae, check_steerable
-from ops.steering.generation import GenerationResult, SamplingParams, TokenCallback, TokenEvent, generate
+from ops.steering.generation import (
+    DecodeRequest,
+    GenerationCancelled,
+    GenerationResult,
+    RunningBatch,
+    SamplingParams,
+    TokenCallback,
+    TokenEvent,
+    run_requests,
+)
 from workflows.serve_api import (
     MAX_ALIGN_TEXTS,
     MAX_PROMPT_CHARS,
@@ -132,13 +142,20 @@ class UnknownTopicError(SaealignError):
 
 @dataclass
 class Row:
-    """One generation request: prompt, its steering spec, sampling parameters and seed."""
+    """One generation request: prompt (and its token ids), steering spec, sampling parameters and seed."""
 
     prompt: str
+    prompt_ids: list[int]
     spec: SteeringSpec
     params: SamplingParams
     seed: int
     queued_at: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def request(
+        self, on_token: TokenCallback | None = None, cancelled: Callable[[], bool] | None = None
+    ) -> DecodeRequest:
+        """The row as the running batch takes it."""
+        return DecodeRequest(self.prompt, self.prompt_ids, self.spec, self.params, self.seed, on_token, cancelled)
 
 
 @dataclass
@@ -148,10 +165,6 @@ class Topic:
     meta: dict[str, Any]
     top: list[dict[str, Any]]
     """The 50 highest-scored latents (latent, score, g, support)."""
-
-
-class StreamCancelled(Exception):
-    """Raised inside a streaming generation whose client went away."""
 
 
 class IncrementalText:
@@ -275,20 +288,21 @@ class Engine:
             )
         return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
-    def check_prompt(self, prompt: str, max_new_tokens: int) -> int:
-        """The prompt's token count; raises when it does not fit the limits or the context."""
-        n = len(self.model.tokenize([prompt], max_length=10**9)[0])
+    def check_prompt(self, prompt: str, max_new_tokens: int) -> list[int]:
+        """The prompt's token ids; raises when they do not fit the limits or the context."""
+        ids = self.model.tokenize([prompt], max_length=10**9)[0]
+        n = len(ids)
         if n == 0:
             raise RequestLimitError("prompt", "the prompt has no tokens")
         if n > self.limits.max_prompt_tokens:
             raise RequestLimitError("prompt", f"at most {self.limits.max_prompt_tokens} tokens, got {n}")
         if n + max_new_tokens > self.model.n_ctx:
             raise RequestLimitError("max_new_tokens", f"{n} prompt tokens + {max_new_tokens} exceed the context")
-        return n
+        return list(ids)
 
     def rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[Row]:
         check_limits(req, self.limits)
-        self.check_prompt(req.prompt, req.max_new_tokens)
+        ids = self.check_prompt(req.prompt, req.max_new_tokens)
         params = SamplingParams(
             max_new_tokens=req.max_new_tokens,
             greedy=req.greedy,
@@ -296,75 +310,43 @@ class Engine:
             temperature=req.temperature,
             stop_at_eos=not req.ignore_eos,
         )
-        return [Row(req.prompt, self.spec(m, req.topic, req.options), params, req.seed) for m in methods]
+        return [Row(req.prompt, ids, self.spec(m, req.topic, req.options), params, req.seed) for m in methods]
 
     # -- generation -----------------------------------------------------------------------------
 
-    def run_rows(self, rows: Sequence[Row]) -> list[GenerationResult | Exception]:
-        """Generate every row: one :func:`generate` call per group of equal sampling parameters,
-        per-row specs and seeds. A failing group is retried row by row, so one bad row fails alone."""
-        out: list[GenerationResult | Exception] = [RuntimeError("not run")] * len(rows)
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.params, []).append(i)
-        for params, idx in groups.items():
-            try:
-                results = self._generate([rows[i] for i in idx], params)
-                for i, res in zip(idx, results, strict=True):
-                    out[i] = res
-            except Exception as exc:
-                if len(idx) == 1:
-                    out[idx[0]] = exc
-                    continue
-                log.warning("batch of %d failed (%s); retrying row by row", len(idx), exc)
-                for i in idx:
-                    try:
-                        out[i] = self._generate([rows[i]], params)[0]
-                    except Exception as row_exc:
-                        out[i] = row_exc
-        return out
+    def running_batch(self) -> RunningBatch:
+        """An empty :class:`RunningBatch` of this replica's model, SAE and hook."""
+        return RunningBatch(self.model, self.sae, self.hook)
 
-    def _generate(
-        self, rows: Sequence[Row], params: SamplingParams, on_token: TokenCallback | None = None
-    ) -> list[GenerationResult]:
-        return generate(
-            self.model,
-            self.sae,
-            [r.prompt for r in rows],
-            [r.spec for r in rows],
-            hook_name=self.hook,
-            params=params,
-            batch_size=len(rows),
-            seeds=[r.seed for r in rows],
-            on_token=on_token,
-        )
+    def run_rows(self, rows: Sequence[Row]) -> list[GenerationResult]:
+        """Generate ``rows`` together, here and now (no scheduler): warm-up and tests."""
+        return run_requests(self.model, self.sae, self.hook, [r.request() for r in rows], len(rows))
 
-    def stream(self, row: Row, emit: Callable[[dict[str, Any]], None], cancelled: threading.Event) -> GenerationResult:
-        """Generate one row, calling ``emit`` with each token as it is sampled: its index, id,
-        token string, incremental text and the contamination / latents changed of its step."""
+    def token_reporter(self, emit: Callable[[dict[str, Any]], None]) -> TokenCallback:
+        """An ``on_token`` callback that calls ``emit`` with each new token as the API streams it:
+        its index, id, token string, incremental text and its step's contamination / latents changed."""
         tok = self.model.tokenizer
         text = IncrementalText(tok)
 
         def on_token(event: TokenEvent) -> None:
-            if cancelled.is_set():
-                raise StreamCancelled
-            token_id, c, ch = event.token_ids[0], event.contamination[0], event.latents_changed[0]
+            c, ch = event.contamination, event.latents_changed
             emit(
                 {
                     "index": event.step,
-                    "token_id": token_id,
-                    "token": str(tok.decode([token_id])),
-                    "text": text.push(token_id),
+                    "token_id": event.token_id,
+                    "token": str(tok.decode([event.token_id])),
+                    "text": text.push(event.token_id),
                     "contamination": None if math.isnan(c) else c,
                     "latents_changed": None if math.isnan(ch) else ch,
                 }
             )
 
-        return self._generate([row], row.params, on_token)[0]
+        return on_token
 
     def warm_up(self) -> None:
         spec = SteeringSpec("swap", next(iter(self.topics.values())).scores) if self.topics else SteeringSpec("sae")
-        self.run_rows([Row("Hello", spec, SamplingParams(max_new_tokens=2), 0)])
+        ids = self.check_prompt("Hello", 2)
+        self.run_rows([Row("Hello", ids, spec, SamplingParams(max_new_tokens=2), 0)])
 
 
 def result_dict(
@@ -384,80 +366,134 @@ class ServiceBusyError(SaealignError):
     retry_after_s = 1
 
 
-class Batcher:
-    """Runs rows submitted by concurrent requests in batches, one batch at a time, through
-    ``run(rows) -> results`` in a worker thread.
+@dataclass
+class _Waiting:
+    row: Row
+    request: DecodeRequest
+    deliver: Callable[[GenerationResult | Exception], None]
 
-    A batch is formed when the previous one has finished: it takes up to ``max_batch_size``
-    waiting rows, and when fewer are waiting it waits up to ``wait_s`` for more. At most
-    ``max_queued`` rows wait; a request that would exceed it is refused whole
-    (:class:`ServiceBusyError`). Rows whose caller went away are dropped before running. ``run``
-    returns one result or exception per row; an exception raised by ``run`` itself goes to every
-    row of the batch.
+
+class Scheduler:
+    """Iteration-level scheduling of one replica's generation rows (``RunningBatch``, one worker
+    thread): between two decode steps, waiting rows join the running batch (up to
+    ``max_batch_size`` rows decode together) and finished rows leave, so a request arriving while
+    a long one decodes starts at the next step, not when the long one ends.
+
+    Each row keeps its own steering spec, sampling parameters and seed (its tokens are those it
+    gets alone). An idle engine waits up to ``wait_s`` for more rows before the first prefill, so
+    requests arriving together are prefilled together. At most ``max_queued`` rows wait; a
+    request that would exceed it is refused whole (:class:`ServiceBusyError`: HTTP 429). A row
+    whose caller went away (its future cancelled, or its stream closed) is dropped before its
+    next step; waiting rows of gone callers never start.
     """
 
     def __init__(
-        self,
-        run: Callable[[list[Row]], list[GenerationResult | Exception]],
-        max_batch_size: int,
-        wait_s: float,
-        max_queued: int = 64,
+        self, make_batch: Callable[[], RunningBatch], max_batch_size: int, wait_s: float, max_queued: int = 64
     ) -> None:
-        self.run = run
+        self.make_batch = make_batch
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.max_queued = max_queued
-        self._rows: deque[tuple[Row, asyncio.Future[GenerationResult | Exception]]] = deque()
-        self._ready: asyncio.Event | None = None
-        self._worker: asyncio.Task[None] | None = None
+        self._waiting: deque[_Waiting] = deque()
+        self._wake = threading.Condition()
+        self._running: dict[int, _Waiting] = {}
+        self._worker: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def admit(self, n_rows: int) -> None:
         """Raise :class:`ServiceBusyError` unless ``n_rows`` more rows fit in the queue."""
-        waiting = sum(1 for _, future in self._rows if not future.done())
+        waiting = len(self._waiting)
         if waiting + n_rows > self.max_queued:
             raise ServiceBusyError(
                 f"the service is busy ({waiting} rows queued, at most {self.max_queued}); "
                 f"fix: retry after {ServiceBusyError.retry_after_s} s"
             )
 
-    async def submit(self, row: Row) -> GenerationResult | Exception:
+    async def submit(
+        self, row: Row, on_token: TokenCallback | None = None, cancelled: threading.Event | None = None
+    ) -> GenerationResult | Exception:
+        """Queue ``row`` and wait for its result (or the exception that ended it). ``on_token`` is
+        called from the worker thread with each new token; setting ``cancelled`` (or cancelling
+        the awaiting task) drops the row."""
         loop = asyncio.get_running_loop()
-        if self._worker is None or self._worker.done():
-            self._ready = asyncio.Event()
-            self._worker = loop.create_task(self._work())
-        assert self._ready is not None
         future: asyncio.Future[GenerationResult | Exception] = loop.create_future()
-        self._rows.append((row, future))
-        self._ready.set()
+
+        def gone() -> bool:
+            return future.cancelled() or (cancelled is not None and cancelled.is_set())
+
+        def deliver(result: GenerationResult | Exception) -> None:
+            loop.call_soon_threadsafe(_resolve, future, result)
+
+        self.put(_Waiting(row, row.request(on_token, gone), deliver))
         return await future
 
-    async def _next_batch(self) -> list[tuple[Row, asyncio.Future[GenerationResult | Exception]]]:
-        assert self._ready is not None
-        while not self._rows:
-            self._ready.clear()
-            await self._ready.wait()
-        deadline = asyncio.get_running_loop().time() + self.wait_s
-        while len(self._rows) < self.max_batch_size:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), remaining)
-            except TimeoutError:
-                break
-        n = min(self.max_batch_size, len(self._rows))
-        return [item for item in (self._rows.popleft() for _ in range(n)) if not item[1].done()]
+    def put(self, item: _Waiting) -> None:
+        with self._wake:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="saealign-scheduler", daemon=True)
+                self._worker.start()
+            self._waiting.append(item)
+            self._wake.notify()
 
-    async def _work(self) -> None:
+    def stop(self) -> None:
+        """Stop the worker after its current step; rows still queued or running are cancelled."""
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+
+    def _joining(self, batch: RunningBatch) -> list[_Waiting]:
+        """The waiting rows that join now (called with the lock held; blocks while idle)."""
+        while not self._waiting and not len(batch) and not self._stopped:
+            self._wake.wait()
+        if not len(batch) and self.wait_s > 0:  # idle: let rows arriving together join together
+            deadline = time.monotonic() + self.wait_s
+            while len(self._waiting) < self.max_batch_size and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._wake.wait(left):
+                    break
+        joining: list[_Waiting] = []
+        while self._waiting and batch.joinable and len(batch) + len(joining) < self.max_batch_size:
+            item = self._waiting.popleft()
+            if item.request.cancelled is not None and item.request.cancelled():
+                item.deliver(GenerationCancelled("the request was cancelled before it started"))
+            else:
+                joining.append(item)
+        return joining
+
+    def _work(self) -> None:
+        batch = self.make_batch()
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
+            with self._wake:
+                if self._stopped:
+                    break
+                joining = self._joining(batch)
+            self._running.update((id(item.request), item) for item in joining)
+            finished: list[tuple[DecodeRequest, GenerationResult | Exception]] = []
             try:
-                results = await asyncio.to_thread(self.run, [row for row, _ in batch])
-            except Exception as exc:
-                results = [exc] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                finished += batch.add([item.request for item in joining])
+                if len(batch):
+                    finished += batch.step()
+            except Exception as exc:  # a failure of the whole step: every running row gets it
+                log.exception("decode step failed; %d rows end with the error", len(batch))
+                finished += [(req, exc) for req, _ in batch.close()]
+                batch = self.make_batch()
+            for req, result in finished:
+                self._running.pop(id(req)).deliver(result)
+        stopped = GenerationCancelled("the service is stopping")
+        for req, _ in batch.close():
+            self._running.pop(id(req)).deliver(stopped)
+        while self._waiting:
+            self._waiting.popleft().deliver(stopped)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)

@@ -18,8 +18,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -67,21 +67,20 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One decode step, reported to ``generate(on_token=...)`` as soon as its tokens are sampled."""
+    """One new token of one row, reported to its ``on_token`` callback as soon as it is sampled."""
 
     step: int
     """Index of the generated token (0 = the first new token)."""
-    rows: tuple[int, ...]
-    """Prompt indices (into ``generate``'s ``prompts``) of the batch this step belongs to."""
-    token_ids: tuple[int, ...]
-    """One sampled id per row of the batch (the pad id for rows that had already finished)."""
-    contamination: tuple[float, ...]
-    """Per row, of the steered activation that produced the token; NaN where not measured."""
-    latents_changed: tuple[float, ...]
+    row: int
+    """The row's index (into ``generate``'s ``prompts``)."""
+    token_id: int
+    contamination: float
+    """Of the steered activation that produced the token; NaN where not measured."""
+    latents_changed: float
 
 
 TokenCallback = Callable[[TokenEvent], None]
-"""Called once per decode step; an exception raised in it stops the generation (e.g. a client left)."""
+"""Called once per new token of a row; an exception raised in it ends that row (e.g. a client left)."""
 
 
 @dataclass
@@ -337,6 +336,344 @@ def perplexities_of_ids(
 
 
 # ---------------------------------------------------------------------------------------------
+# The running batch: iteration-level scheduling
+
+
+class GenerationCancelled(SaealignError):
+    """A row was cancelled (its caller went away) before it finished."""
+
+
+@dataclass
+class DecodeRequest:
+    """One row to generate: prompt ids, steering spec, sampling parameters and seed."""
+
+    prompt: str
+    prompt_ids: list[int]
+    spec: SteeringSpec = field(default_factory=SteeringSpec)
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int = 0
+    on_token: TokenCallback | None = None
+    """Called with each new token of this row."""
+    cancelled: Callable[[], bool] | None = None
+    """Polled before every decode step; True drops the row (its result: :class:`GenerationCancelled`)."""
+    row: int = 0
+    """The caller's index of the row (reported in its token events)."""
+
+
+@dataclass
+class _Live:
+    req: DecodeRequest
+    generator: torch.Generator
+    started: float
+    prefill_s: float
+    prompt_c: list[float]
+    prompt_ch: list[float]
+    token_ids: list[int] = field(default_factory=list)
+    contamination: list[float] = field(default_factory=list)
+    latents_changed: list[float] = field(default_factory=list)
+    decode_s: float = 0.0
+    batch_rows: int = 0
+    """Sum over this row's decode steps of the rows decoded together with it."""
+
+
+Finished = tuple[DecodeRequest, "GenerationResult | Exception"]
+"""A row that left the batch: its request and its result, or the exception that ended it."""
+
+
+class RunningBatch:
+    """A batch of rows that decode together, one KV-cached step at a time, where rows join
+    (:meth:`add`: their prompts are prefilled and their caches merged into the batch's) and leave
+    (when they finish, fail or are cancelled) between steps: iteration-level scheduling.
+
+    Every row keeps its own steering spec, sampling parameters, seed and token budget; a row's
+    tokens are those it gets alone (per-row seeded sampling, left padding, per-row positions).
+    The steering hook (:func:`ops.steering.engine.steering_hook`) is entered per batch
+    composition, so each forward steers its rows with their own specs. Caches merge by left
+    padding the shorter one, which needs plain (not sliding-window) cache layers; for other models
+    rows join only an empty batch (:attr:`joinable`). Not thread-safe: one thread drives it.
+    """
+
+    def __init__(self, model: LanguageModel, sae: Any | None, hook_name: str | None) -> None:
+        self.model = model
+        self.sae = sae
+        self.hook = hook_name
+        tok = model.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.eos_id = tok.eos_token_id
+        self.special_ids = special_ids_of(tok)
+        self.device = model.device
+        self._cache_kw = cache_keyword(model.hf)
+        self._rows: list[_Live] = []
+        self._cache: Any = None
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._position = torch.zeros((0, 1), dtype=torch.long)
+        self._next = torch.zeros(0, dtype=torch.long)
+        self._steering: ExitStack | None = None
+        self._record: SteeringRecord | None = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows may join now: the batch is empty, or its cache layers can be merged."""
+        from transformers.cache_utils import DynamicLayer
+
+        return not self._rows or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    # -- joining ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, requests: Sequence[DecodeRequest]) -> list[Finished]:
+        """Prefill ``requests`` together and merge them into the batch; returns the rows that are
+        already done (one-token budgets, EOS at once) or failed (e.g. a spec that does not fit)."""
+        if not requests:
+            return []
+        if not self.joinable:
+            raise SaealignError("rows can join this model's batch only when it is empty (sliding-window cache)")
+        try:
+            return self._add(requests)
+        except Exception as exc:  # the batch is unchanged: retry row by row, so a bad row fails alone
+            if len(requests) == 1:
+                return [(requests[0], exc)]
+            log.warning("prefill of %d rows failed (%s); retrying row by row", len(requests), exc)
+            return [done for req in requests for done in self.add([req])]
+
+    def _add(self, requests: Sequence[DecodeRequest]) -> list[Finished]:
+        from transformers import DynamicCache
+
+        self._close_steering()
+        started = time.perf_counter()
+        batch = left_pad([list(r.prompt_ids) for r in requests], self.pad_id, str(self.device))
+        mask = batch.attention_mask
+        positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)
+        cache = DynamicCache(config=self.model.hf.config)
+        with self._steered([r.spec for r in requests]) as record:
+            out = self.model.hf(
+                input_ids=batch.input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                logits_to_keep=1,
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
+        prefill_s = time.perf_counter() - started
+        stats = record.steps[-1] if record is not None and record.steps else None
+        rows = []
+        for i, req in enumerate(requests):
+            n = len(req.prompt_ids)
+            c = _floats(stats.contamination[i, -n:]) if stats is not None else [math.nan] * n
+            ch = _floats(stats.latents_changed[i, -n:]) if stats is not None else [math.nan] * n
+            generator = torch.Generator(device=self.device).manual_seed(int(req.seed))
+            rows.append(_Live(req, generator, started, prefill_s, c, ch))
+        first = len(self._rows)
+        self._merge(cache, mask, positions[:, -1:], rows)
+        return self._sample(out.logits[:, -1, :], range(first, len(self._rows)), stats)
+
+    def _merge(self, cache: Any, mask: torch.Tensor, position: torch.Tensor, rows: list[_Live]) -> None:
+        if not self._rows:
+            self._cache, self._mask, self._position = cache, mask, position
+            self._next = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=mask.device)
+            self._rows = rows
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad_seq(old.keys, width), _left_pad_seq(new.keys, width)])
+            old.values = torch.cat([_left_pad_seq(old.values, width), _left_pad_seq(new.values, width)])
+        self._mask = torch.cat([_left_pad_seq(self._mask, width, dim=1), _left_pad_seq(mask, width, dim=1)])
+        self._position = torch.cat([self._position, position])
+        pads = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=mask.device)
+        self._next = torch.cat([self._next, pads])
+        self._rows += rows
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """One decode step for every row; returns the rows that finished, failed or were cancelled."""
+        done: list[Finished] = []
+        gone = [i for i, r in enumerate(self._rows) if r.req.cancelled is not None and r.req.cancelled()]
+        if gone:
+            done += [(self._rows[i].req, GenerationCancelled("the request was cancelled")) for i in gone]
+            self._remove(gone)
+        if not self._rows:
+            return done
+        record = self._open_steering()
+        n_stats = len(record.steps) if record is not None else 0
+        t0 = time.perf_counter()
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=-1)
+        self._position = self._position + 1
+        out = self.model.hf(
+            input_ids=self._next[:, None],
+            attention_mask=self._mask,
+            position_ids=self._position,
+            use_cache=True,
+            **{self._cache_kw: self._cache},
+        )
+        elapsed = time.perf_counter() - t0
+        for row in self._rows:
+            row.decode_s += elapsed
+            row.batch_rows += len(self._rows)
+        stats = record.steps[-1] if record is not None and len(record.steps) > n_stats else None
+        return done + self._sample(out.logits[:, -1, :], range(len(self._rows)), stats)
+
+    def _sample(self, logits: torch.Tensor, rows: range, stats: Any) -> list[Finished]:
+        """Sample the next token of ``rows`` (``logits``: one row each, in order), report it, and
+        remove the rows that are done."""
+        live = [self._rows[i] for i in rows]
+        ids = sample_rows(logits, [r.req.params for r in live], [r.generator for r in live])
+        done: list[Finished] = []
+        ended: list[int] = []
+        for col, (i, row, token) in enumerate(zip(rows, live, ids.tolist(), strict=True)):
+            c = float(stats.contamination[col, -1]) if stats is not None else math.nan
+            ch = float(stats.latents_changed[col, -1]) if stats is not None else math.nan
+            row.token_ids.append(int(token))
+            row.contamination.append(c)
+            row.latents_changed.append(ch)
+            self._next[i] = int(token)
+            try:
+                if row.req.on_token is not None:
+                    row.req.on_token(TokenEvent(len(row.token_ids) - 1, row.req.row, int(token), c, ch))
+            except Exception as exc:
+                done.append((row.req, exc))
+                ended.append(i)
+                continue
+            params = row.req.params
+            if len(row.token_ids) >= params.max_new_tokens or (params.stop_at_eos and token == self.eos_id):
+                done.append((row.req, self._result(row)))
+                ended.append(i)
+        if ended:
+            self._remove(ended)
+        return done
+
+    def _remove(self, indices: Sequence[int]) -> None:
+        drop = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in drop]
+        self._close_steering()
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        for layer in self._cache.layers:
+            layer.batch_select_indices(idx)
+        self._mask, self._position, self._next = self._mask[idx], self._position[idx], self._next[idx]
+        lead = int(self._mask.any(dim=0).long().argmax())  # columns that are padding in every row
+        if lead and self.joinable:
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def _result(self, row: _Live) -> GenerationResult:
+        steps = len(row.token_ids)
+        total = time.perf_counter() - row.started
+        timings = {
+            "prefill_s": row.prefill_s,
+            "decode_s": row.decode_s,
+            "total_s": total,
+            "steps": float(steps),
+            "s_per_token": total / max(steps, 1),
+            "batch_size": row.batch_rows / max(steps - 1, 1) if steps > 1 else 1.0,
+        }
+        return make_result(
+            self.model.tokenizer,
+            row.req,
+            row.token_ids,
+            row.contamination,
+            row.latents_changed,
+            row.prompt_c,
+            row.prompt_ch,
+            timings,
+        )
+
+    # -- steering ---------------------------------------------------------------------------------
+
+    def _steered(self, specs: list[SteeringSpec]) -> AbstractContextManager[SteeringRecord | None]:
+        if self.hook is None:
+            return nullcontext()
+        return steering_hook(self.model.hf, self.sae, self.hook, specs, self.special_ids)
+
+    def _open_steering(self) -> SteeringRecord | None:
+        """The steering context of the current rows, entered once per batch composition."""
+        if self.hook is None:
+            return None
+        if self._steering is None:
+            self._steering = ExitStack()
+            self._record = self._steering.enter_context(self._steered([r.req.spec for r in self._rows]))
+        return self._record
+
+    def _close_steering(self) -> None:
+        if self._steering is not None:
+            self._steering.close()
+            self._steering, self._record = None, None
+
+    def close(self) -> list[Finished]:
+        """Leave the steering context and drop every row (each ends with :class:`GenerationCancelled`)."""
+        done: list[Finished] = [(r.req, GenerationCancelled("the batch was closed")) for r in self._rows]
+        self._close_steering()
+        self._rows, self._cache = [], None
+        return done
+
+
+def _left_pad_seq(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    """``x`` left-padded with zeros along ``dim`` to ``width``."""
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _floats(values: torch.Tensor) -> list[float]:
+    return [float(v) for v in values.tolist()]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """:func:`sample_next` for rows with their own sampling parameters (grouped by how they sample)."""
+    groups: dict[tuple[bool, int, float], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.greedy, p.top_k, p.temperature), []).append(i)
+    if len(groups) == 1:
+        return sample_next(logits, params[0], generators)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for idx in groups.values():
+        rows = torch.tensor(idx, dtype=torch.long, device=logits.device)
+        out[rows] = sample_next(logits[rows], params[idx[0]], [generators[i] for i in idx])
+    return out
+
+
+def run_requests(
+    model: LanguageModel,
+    sae: Any | None,
+    hook_name: str | None,
+    requests: Sequence[DecodeRequest],
+    batch_size: int,
+) -> list[GenerationResult]:
+    """Generate every request in one :class:`RunningBatch` of at most ``batch_size`` rows (a
+    waiting row joins as soon as one leaves); results in request order. An exception that ends a
+    row (e.g. raised by its ``on_token``) is raised once the batch has stopped."""
+    results: list[GenerationResult | Exception | None] = [None] * len(requests)
+    order = {id(r): i for i, r in enumerate(requests)}
+    waiting = list(requests)[::-1]
+    batch = RunningBatch(model, sae, hook_name)
+    try:
+        while waiting or len(batch):
+            room = batch_size - len(batch)
+            joining = [waiting.pop() for _ in range(min(room, len(waiting)))] if batch.joinable else []
+            finished = batch.add(joining) + batch.step() if joining else batch.step()
+            for req, res in finished:
+                results[order[id(req)]] = res
+                if isinstance(res, Exception):
+                    raise res
+    finally:
+        batch.close()
+    return [r for r in results if isinstance(r, GenerationResult)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Public entry
 
 
@@ -356,8 +693,9 @@ def generate(
     ``specs``: one per prompt, or one for all, or None for plain generation with no hook at all.
     ``sae``: the SAE the specs (and their scores) belong to; may be None when no spec needs it.
     ``seeds``: a sampling seed per prompt (default: ``params.seed`` for every row).
-    Prompts run in batches of ``batch_size`` (left padding); results come back in prompt order.
-    ``on_token``: called with a :class:`TokenEvent` at every decode step (streaming).
+    At most ``batch_size`` rows decode together (:class:`RunningBatch`: left padding, a waiting
+    prompt joins when a row finishes); results come back in prompt order.
+    ``on_token``: called with a :class:`TokenEvent` for every new token of every row (streaming).
     """
     params = params or SamplingParams()
     check_prompts(prompts)
@@ -372,23 +710,13 @@ def generate(
         for spec in spec_list:
             spec.check_fits(int(sae.cfg.d_sae))
     ids = _tokenize(model, prompts, params.max_new_tokens)
-    results: list[GenerationResult] = []
-    for start in range(0, len(prompts), batch_size):
-        stop = min(start + batch_size, len(prompts))
-        row_specs = spec_list[start:stop] if spec_list is not None else None
-        results += _generate_batch(
-            model,
-            sae,
-            hook,
-            prompts[start:stop],
-            ids[start:stop],
-            row_specs,
-            params,
-            row_seeds[start:stop],
-            on_token,
-            start,
+    requests = [
+        DecodeRequest(
+            prompt, ids[i], spec_list[i] if spec_list else SteeringSpec(), params, row_seeds[i], on_token, row=i
         )
-    return results
+        for i, prompt in enumerate(prompts)
+    ]
+    return run_requests(model, sae, hook, requests, batch_size)
 
 
 def _spec_list(specs: SteeringSpec | Sequence[SteeringSpec] | None, n: int) -> list[SteeringSpec] | None:
@@ -416,103 +744,32 @@ def _tokenize(model: LanguageModel, prompts: Sequence[str], max_new_tokens: int)
     return ids
 
 
-def _generate_batch(
-    model: LanguageModel,
-    sae: Any | None,
-    hook: str | None,
-    prompts: Sequence[str],
-    ids: list[list[int]],
-    specs: list[SteeringSpec] | None,
-    params: SamplingParams,
-    seeds: list[int],
-    on_token: TokenCallback | None = None,
-    first_row: int = 0,
-) -> list[GenerationResult]:
-    tok = model.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    eos_ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    batch = left_pad(ids, pad_id, model.device)
-    record = SteeringRecord()
-    rows = tuple(range(first_row, first_row + len(ids)))
-
-    def reporter(rec: SteeringRecord) -> Callable[[int, torch.Tensor], None] | None:
-        return None if on_token is None else partial(_report_step, on_token, rec, rows)
-
-    if specs is None:
-        gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, reporter(record))
-    else:
-        assert hook is not None
-        with steering_hook(model.hf, sae, hook, specs, special_ids_of(tok)) as record:
-            gen, dead, timings = decode_loop(model.hf, batch, params, eos_ids, pad_id, seeds, reporter(record))
-    stats = _row_stats(record, batch, gen.shape[1])
-    return [
-        _result(model, prompts[i], ids[i], gen[i], dead[i], specs[i] if specs else SteeringSpec(), stats, i, timings)
-        for i in range(len(ids))
-    ]
-
-
-def _report_step(
-    on_token: TokenCallback, record: SteeringRecord, rows: tuple[int, ...], step: int, nxt: torch.Tensor
-) -> None:
-    """Report one decode step with the stats of the forward that produced its tokens (last position)."""
-    c = ch = (math.nan,) * len(rows)
-    if record.steps:
-        last = record.steps[-1]
-        c = tuple(float(v) for v in last.contamination[:, -1].tolist())
-        ch = tuple(float(v) for v in last.latents_changed[:, -1].tolist())
-    on_token(TokenEvent(step, rows, tuple(int(t) for t in nxt.tolist()), c, ch))
-
-
-def _row_stats(record: SteeringRecord, batch: _Batch, steps: int) -> dict[str, torch.Tensor] | None:
-    """Prompt stats [B, W] and generated-token stats [B, steps] from the record."""
-    if not record.steps:
-        return None
-    prefill, decode = record.steps[0], record.steps[1:]
-    out = {"prompt_c": prefill.contamination, "prompt_ch": prefill.latents_changed}
-    for key, attr in (("gen_c", "contamination"), ("gen_ch", "latents_changed")):
-        cols = [getattr(prefill, attr)[:, -1:]] + [getattr(s, attr) for s in decode]
-        out[key] = torch.cat(cols, dim=1)[:, :steps]
-    return out
-
-
-def _result(
-    model: LanguageModel,
-    prompt: str,
-    prompt_ids: list[int],
-    gen: torch.Tensor,
-    dead: torch.Tensor,
-    spec: SteeringSpec,
-    stats: dict[str, torch.Tensor] | None,
-    row: int,
+def make_result(
+    tokenizer: Any,
+    req: DecodeRequest,
+    token_ids: list[int],
+    contamination: list[float],
+    latents_changed: list[float],
+    prompt_c: list[float],
+    prompt_ch: list[float],
     timings: dict[str, float],
 ) -> GenerationResult:
-    tok = model.tokenizer
-    n = int((~dead).sum())
-    token_ids = [int(t) for t in gen[:n].tolist()]
-    eos = tok.eos_token_id
-    finish = "eos" if token_ids and token_ids[-1] == eos else "length"
+    """A row's :class:`GenerationResult` from its tokens and per-token statistics."""
+    eos = tokenizer.eos_token_id
+    finish = "eos" if token_ids and token_ids[-1] == eos and req.params.stop_at_eos else "length"
     text_ids = token_ids[:-1] if finish == "eos" else token_ids
-    p = len(prompt_ids)
-
-    def take(key: str, width: int | None = None) -> list[float]:
-        if stats is None:
-            return [math.nan] * (width if width is not None else n)
-        values = stats[key][row]
-        values = values[-width:] if width is not None else values[:n]
-        return [float(v) for v in values.tolist()]
-
     return GenerationResult(
-        prompt=prompt,
-        method=spec.method,
-        text=str(tok.decode(text_ids, skip_special_tokens=True)),
-        token_ids=token_ids,
-        tokens=[str(tok.decode([t])) for t in token_ids],
-        contamination=take("gen_c"),
-        latents_changed=take("gen_ch"),
-        prompt_token_ids=list(prompt_ids),
-        prompt_contamination=take("prompt_c", p),
-        prompt_latents_changed=take("prompt_ch", p),
+        prompt=req.prompt,
+        method=req.spec.method,
+        text=str(tokenizer.decode(text_ids, skip_special_tokens=True)),
+        token_ids=list(token_ids),
+        tokens=[str(tokenizer.decode([t])) for t in token_ids],
+        contamination=list(contamination),
+        latents_changed=list(latents_changed),
+        prompt_token_ids=list(req.prompt_ids),
+        prompt_contamination=list(prompt_c),
+        prompt_latents_changed=list(prompt_ch),
         finish_reason=finish,
-        timings=dict(timings),
-        spec=spec,
+        timings=timings,
+        spec=req.spec,
     )

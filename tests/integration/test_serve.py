@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,6 +302,46 @@ def test_concurrent_requests_equal_each_alone(client: httpx.Client) -> None:
         np.testing.assert_allclose(got, want, atol=1e-4, equal_nan=True)
     assert all(a["timings"]["batch_size"] == 1 for a in alone)
     assert max(t["timings"]["batch_size"] for t in together) > 1  # they were batched
+
+
+def test_a_request_arriving_while_a_long_one_decodes_starts_and_ends_first(client: httpx.Client) -> None:
+    """Iteration-level scheduling: the short request joins the running batch at the next step."""
+    long_body = {"prompt": PROMPT, "topic": "medical", "method": "swap", "max_new_tokens": 64, "ignore_eos": True}
+    first_token = threading.Event()
+    arrivals: list[tuple[float, str]] = []
+
+    def long_stream() -> None:
+        with client.stream("POST", "/generate/stream", json=long_body) as resp:
+            event = ""
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                    arrivals.append((time.perf_counter(), event))
+                    first_token.set()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(long_stream)
+        assert first_token.wait(TIMEOUT)
+        short = _generate(client, topic="sport", method="swap", max_new_tokens=3, seed=2)
+        short_done = time.perf_counter()
+        running.result(TIMEOUT)
+    done_at = next(t for t, e in arrivals if e == "done")
+    assert short_done < done_at  # it did not wait for the long one
+    assert short["timings"]["batch_size"] > 1  # it decoded beside the long one
+    assert short["token_ids"] == _generate(client, topic="sport", method="swap", max_new_tokens=3, seed=2)["token_ids"]
+
+
+def test_a_client_that_leaves_takes_its_row_out_of_the_batch(client: httpx.Client) -> None:
+    body = {"prompt": PROMPT, "method": "orig", "max_new_tokens": 64, "ignore_eos": True}
+    with client.stream("POST", "/generate/stream", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("event: token"):
+                break  # leave after the first token
+    deadline = time.perf_counter() + 1.0  # the other 63 tokens would take longer than that
+    while client.get("/healthz").json()["batching"]["running_rows"] and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    health = client.get("/healthz").json()["batching"]
+    assert health["running_rows"] == 0 and health["queued_rows"] == 0
 
 
 def test_bad_requests_get_4xx_and_the_service_stays_up(client: httpx.Client) -> None:

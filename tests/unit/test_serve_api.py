@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from typing import Any
 
 import pydantic
 import pytest
@@ -38,40 +41,106 @@ def test_bad_steering_options_name_the_field(options: dict[str, object], param: 
     assert info.value.errors()[0]["loc"] == ("options", param)
 
 
-def test_a_full_queue_refuses_whole_requests_until_rows_drain() -> None:
-    import asyncio
-    import threading
+class _StepBatch:
+    """A stand-in for RunningBatch: a row's result is its prompt, after ``max_new_tokens`` steps;
+    ``gate`` (when given) must be set for each step to run."""
 
+    def __init__(self, log: list[str], gate: threading.Event | None = None) -> None:
+        self.rows: list[list[Any]] = []
+        self.log, self.gate = log, gate
+        self.joinable = True
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, requests: list[Any]) -> list[Any]:
+        self.log += [f"join {r.prompt}" for r in requests]
+        self.rows += [[r, r.params.max_new_tokens] for r in requests]
+        return []
+
+    def step(self) -> list[Any]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        done = []
+        for row in list(self.rows):
+            row[1] -= 1
+            if row[1] == 0 or row[0].cancelled():
+                self.rows.remove(row)
+                done.append((row[0], RuntimeError(row[0].prompt)))
+                self.log.append(f"leave {row[0].prompt}")
+        return done
+
+    def close(self) -> list[Any]:
+        rows, self.rows = self.rows, []
+        return [(r, RuntimeError("closed")) for r, _ in rows]
+
+
+def _row(prompt: str, tokens: int = 1) -> Any:
     from ops.steering.engine import SteeringSpec
     from ops.steering.generation import SamplingParams
-    from workflows.serve_engine import Batcher, Row, ServiceBusyError
+    from workflows.serve_engine import Row
 
-    release, ran = threading.Event(), []
+    return Row(prompt, [1, 2], SteeringSpec("orig"), SamplingParams(max_new_tokens=tokens), 0)
 
-    def run(rows: list[Row]) -> list[Exception]:
-        release.wait(10)
-        ran.extend(r.prompt for r in rows)
-        return [RuntimeError(r.prompt) for r in rows]
 
-    def row(prompt: str) -> Row:
-        return Row(prompt, SteeringSpec("orig"), SamplingParams(max_new_tokens=1), 0)
+def test_a_full_queue_refuses_whole_requests_until_rows_drain() -> None:
+    import asyncio
+
+    from workflows.serve_engine import Scheduler, ServiceBusyError
+
+    gate, log = threading.Event(), []
 
     async def scenario() -> None:
-        batcher = Batcher(run, max_batch_size=1, wait_s=0.0, max_queued=2)
-        running = asyncio.ensure_future(batcher.submit(row("a")))
-        await asyncio.sleep(0.1)  # "a" is the running batch, the queue is empty
-        batcher.admit(2)
-        queued = [asyncio.ensure_future(batcher.submit(row(p))) for p in ("b", "c")]
-        await asyncio.sleep(0)
+        scheduler = Scheduler(lambda: _StepBatch(log, gate), max_batch_size=1, wait_s=0.0, max_queued=2)
+        running = asyncio.ensure_future(scheduler.submit(_row("a")))
+        await asyncio.sleep(0.2)  # "a" is running, the queue is empty
+        scheduler.admit(2)
+        queued = [asyncio.ensure_future(scheduler.submit(_row(p))) for p in ("b", "c")]
+        await asyncio.sleep(0.1)
         with pytest.raises(ServiceBusyError, match="2 rows queued, at most 2"):
-            batcher.admit(1)
-        release.set()
+            scheduler.admit(1)
+        gate.set()
         results = await asyncio.gather(running, *queued)
         assert [str(r) for r in results] == ["a", "b", "c"]
-        batcher.admit(2)  # drained: room again
+        scheduler.admit(2)  # drained: room again
+        scheduler.stop()
 
     asyncio.run(scenario())
-    assert ran == ["a", "b", "c"]
+    assert log == ["join a", "leave a", "join b", "leave b", "join c", "leave c"]
+
+
+def test_a_row_arriving_while_a_long_one_decodes_joins_at_the_next_step_and_leaves_first() -> None:
+    import asyncio
+
+    from workflows.serve_engine import Scheduler
+
+    log: list[str] = []
+
+    async def scenario() -> None:
+        scheduler = Scheduler(lambda: _StepBatch(log, _Slow()), max_batch_size=4, wait_s=0.0)
+        long = asyncio.ensure_future(scheduler.submit(_row("long", 50)))
+        await asyncio.sleep(0.05)
+        short = await scheduler.submit(_row("short", 2))
+        assert str(short) == "short" and not long.done()
+        gone = threading.Event()
+        later = asyncio.ensure_future(scheduler.submit(_row("gone", 1000), cancelled=gone))
+        await asyncio.sleep(0.05)
+        gone.set()  # its client left: the row leaves at the next step
+        assert str(await later) == "gone" and not long.done()
+        assert str(await long) == "long"
+        scheduler.stop()
+
+    asyncio.run(scenario())
+    assert log.index("join short") < log.index("leave short") < log.index("leave long")
+    assert log.index("leave gone") < log.index("leave long")
+
+
+class _Slow(threading.Event):
+    """A gate that lets every step through after 10 ms (a decode step's stand-in)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        time.sleep(0.01)
+        return True
 
 
 def test_busy_is_http_429_with_retry_after_in_the_error_envelope() -> None:

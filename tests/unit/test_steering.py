@@ -455,13 +455,18 @@ def test_on_token_reports_every_step_as_the_result_has_it(model: LanguageModel, 
     events: list[TokenEvent] = []
     params = SamplingParams(max_new_tokens=9, seed=3, stop_at_eos=False)
     results = generate(model, sae, prompts, specs, params=params, batch_size=2, on_token=events.append)
-    assert [(e.rows, e.step) for e in events] == [((0, 1), j) for j in range(9)] + [((2,), j) for j in range(9)]
+    by_row: dict[int, list[TokenEvent]] = {}
     for event in events:
-        for col, row in enumerate(event.rows):
-            res = results[row]
-            assert event.token_ids[col] == res.token_ids[event.step]
-            np.testing.assert_allclose(event.contamination[col], res.contamination[event.step], atol=1e-6)
-            np.testing.assert_allclose(event.latents_changed[col], res.latents_changed[event.step], atol=1e-6)
+        by_row.setdefault(event.row, []).append(event)
+    assert sorted(by_row) == [0, 1, 2]
+    for row, row_events in by_row.items():
+        res = results[row]
+        assert [e.step for e in row_events] == list(range(9))
+        assert [e.token_id for e in row_events] == res.token_ids
+        np.testing.assert_allclose([e.contamination for e in row_events], res.contamination, atol=1e-6)
+        np.testing.assert_allclose([e.latents_changed for e in row_events], res.latents_changed, atol=1e-6)
+    # rows 0 and 1 decode together; row 2 joins when a place is free, after they finish
+    assert events.index(by_row[2][0]) > events.index(by_row[0][-1])
 
 
 def test_an_error_in_on_token_stops_generation(model: LanguageModel) -> None:
@@ -696,3 +701,75 @@ def test_spec_for_method_drops_the_settings_a_method_does_not_use() -> None:
     assert (orig.strength, orig.keep_error) == (1.0, False)
     with pytest.raises(SaealignError, match="needs topic scores"):
         SteeringSpec.for_method("swap", None, settings)
+
+
+def _alone(model: LanguageModel, sae: Any, prompt: str, spec: SteeringSpec, params: SamplingParams, seed: int) -> Any:
+    return generate(model, sae, [prompt], spec, hook_name=HOOK, params=params, seeds=[seed])[0]
+
+
+def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(
+    model: LanguageModel, sae: Any, scores: torch.Tensor
+) -> None:
+    """Iteration-level scheduling: rows join between decode steps (their prompts prefilled, their
+    caches merged by left padding) and leave when done, each with its own spec, sampling and seed."""
+    from ops.steering.generation import DecodeRequest, RunningBatch
+
+    rows = [
+        (
+            "a long prompt about the heart and the lungs",
+            SteeringSpec("swap", scores),
+            SamplingParams(max_new_tokens=14),
+        ),
+        ("short", SteeringSpec("orig"), SamplingParams(max_new_tokens=3, greedy=True)),
+        ("a mid prompt", SteeringSpec("clamp", scores), SamplingParams(max_new_tokens=9, top_k=0, temperature=0.7)),
+        ("the lungs", SteeringSpec("sae"), SamplingParams(max_new_tokens=6, stop_at_eos=False)),
+    ]
+    requests = [
+        DecodeRequest(p, model.tokenize([p], max_length=10**9)[0], spec, params, seed=10 + i, row=i)
+        for i, (p, spec, params) in enumerate(rows)
+    ]
+    batch = RunningBatch(model, sae, HOOK)
+    finished: dict[int, Any] = {}
+    order: list[int] = []
+    for step in range(40):
+        joining = [requests[step // 2]] if step % 2 == 0 and step // 2 < len(requests) else []
+        for req, res in batch.add(joining) + batch.step():
+            assert not isinstance(res, Exception)
+            finished[req.row] = res
+            order.append(req.row)
+        if len(finished) == len(requests):
+            break
+    assert len(batch) == 0 and sorted(finished) == [0, 1, 2, 3]
+    assert order.index(1) < order.index(0)  # the short request left before the long one ended
+    for i, (prompt, spec, params) in enumerate(rows):
+        alone = _alone(model, sae, prompt, spec, params, seed=10 + i)
+        assert finished[i].token_ids == alone.token_ids, i
+        np.testing.assert_allclose(finished[i].contamination, alone.contamination, atol=1e-4)
+        np.testing.assert_allclose(finished[i].prompt_contamination, alone.prompt_contamination, atol=1e-4)
+    assert finished[0].timings["batch_size"] > 1
+
+
+def test_running_batch_drops_cancelled_and_failing_rows_alone(
+    model: LanguageModel, sae: Any, scores: torch.Tensor
+) -> None:
+    from ops.steering.generation import DecodeRequest, GenerationCancelled, RunningBatch
+
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    stop = threading.Event()
+    ids = model.tokenize(["the heart", "a mid prompt"], max_length=10**9)
+    bad = SteeringSpec("swap", torch.rand(D_SAE + 3))  # does not fit the SAE
+    requests = [
+        DecodeRequest("the heart", ids[0], SteeringSpec("swap", scores), params, cancelled=stop.is_set, row=0),
+        DecodeRequest("a mid prompt", ids[1], SteeringSpec("swap", scores), params, row=1),
+        DecodeRequest("a mid prompt", ids[1], bad, params, row=2),
+    ]
+    batch = RunningBatch(model, sae, HOOK)
+    failed = batch.add(requests)
+    assert [(req.row, type(res)) for req, res in failed] == [(2, SAEMismatchError)] and len(batch) == 2
+    batch.step()
+    stop.set()
+    done = batch.step()
+    assert [(req.row, type(res)) for req, res in done] == [(0, GenerationCancelled)] and len(batch) == 1
+    results = [res for _ in range(10) for _, res in batch.step()]
+    assert len(results) == 1 and not isinstance(results[0], Exception)
+    assert results[0].token_ids == _alone(model, sae, "a mid prompt", SteeringSpec("swap", scores), params, 0).token_ids
