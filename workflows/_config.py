@@ -7,8 +7,10 @@ A field with ``metadata={"positional": True}`` becomes a positional argument, on
 ``metadata={"remainder": True}`` takes every argument after the positionals (``submit``'s job
 arguments). A field whose type is itself a config dataclass (e.g. ``SamplingParams``, declared once
 in ``ops/``) is flattened: its fields become options of the command under their own names, and
-``parse_config`` builds the nested instance from them. Two options of one command may not share a
-name.
+``parse_config`` builds the nested instance from them; a nested field's own default (e.g.
+``field(default_factory=lambda: SwapSweep(swap_greedy=True))``) supplies its options' defaults,
+so a job can nest a shared config with defaults of its own. Two options of one command may not
+share a name.
 """
 
 from __future__ import annotations
@@ -57,16 +59,21 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], tp: Any, doc: str) -> None:
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], tp: Any, doc: str, default: Any) -> None:
     tp = _unwrap_optional(tp)
     if f.metadata.get("remainder", False):
         parser.add_argument(f.name, nargs=argparse.REMAINDER, help=doc.replace("%", "%%"))
         return
     positional = f.metadata.get("positional", False)
     name = f.name if positional else "--" + f.name.replace("_", "-")
-    default = f.default if f.default is not dataclasses.MISSING else None
-    if f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
     text = f"{doc} (default: {default!r})" if not positional else doc
     kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}  # argparse %-formats help strings
     if not positional:
@@ -92,20 +99,24 @@ def _nested(tp: Any) -> type | None:
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def _leaves(cls: type, seen: dict[str, str] | None = None, owner: str = "") -> list[tuple[dataclasses.Field[Any], Any]]:
-    """Every plain option of ``cls``, nested configs flattened, with its type; raises on a name clash."""
+def _leaves(
+    cls: type, seen: dict[str, str] | None = None, owner: str = "", instance: Any = None
+) -> list[tuple[dataclasses.Field[Any], Any, Any]]:
+    """Every plain option of ``cls``, nested configs flattened, with its type and default (read
+    from ``instance``, the nesting field's default, when there is one); raises on a name clash."""
     seen = {} if seen is None else seen
     hints = typing.get_type_hints(cls)
-    out: list[tuple[dataclasses.Field[Any], Any]] = []
+    out: list[tuple[dataclasses.Field[Any], Any, Any]] = []
     for f in dataclasses.fields(cls):
+        default = getattr(instance, f.name) if instance is not None else _field_default(f)
         sub = _nested(hints[f.name])
         if sub is not None:
-            out += _leaves(sub, seen, f"{owner}{f.name}.")
+            out += _leaves(sub, seen, f"{owner}{f.name}.", default)
             continue
         if f.name in seen:
             raise TypeError(f"{cls.__name__}: option '{f.name}' declared twice ({seen[f.name]} and {owner}{f.name})")
         seen[f.name] = f"{owner}{f.name}"
-        out.append((f, hints[f.name]))
+        out.append((f, hints[f.name], default))
     return out
 
 
@@ -130,8 +141,8 @@ def build_parser(
         epilog=epilog,
     )
     docs = _docs_of(cls)
-    for f, tp in _leaves(cls):
-        _add_field(parser, f, tp, docs.get(f.name, ""))
+    for f, tp, default in _leaves(cls):
+        _add_field(parser, f, tp, docs.get(f.name, ""), default)
     return parser
 
 

@@ -224,9 +224,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"{'explained variance':<34}{van['explained_variance']:>14.3f}{ali['explained_variance']:>14.3f}",
         f"{'entanglement index (MI, nats)':<34}{van['entanglement']:>14.4f}{ali['entanglement']:>14.4f}",
     ]
+    for split in ("train", "test"):
+        b_van, b_ali = van["binding_accuracy"][split], ali["binding_accuracy"][split]
+        lines.append(f"{'binding accuracy (' + split + ')':<34}{b_van:>14.3f}{b_ali:>14.3f}")
     swap = report.get("swap", {})
     if swap.get("by_alpha"):
-        bound = f"perplexity ×≤ {1 + swap['max_ppl_increase']:g}"
+        limit = swap["max_ppl_increase"]
+        bound = "no perplexity bound" if limit is None else f"perplexity ×≤ {1 + limit:g}"
+        judged = (
+            "answer is the target's value for the same prompt"
+            if swap.get("judge") == "answer"
+            else ("continuation classified as the target")
+        )
         best = [swap["best"]["vanilla"], swap["best"]["aligned"]]
         cells = [f"{_pct(b['success'])} (α={_g(b['alpha'])})" if b else "none" for b in best]
         lines.append(f"{'swap success at best α':<34}{cells[0]:>14}{cells[1]:>14}")
@@ -236,14 +245,19 @@ def format_report(report: dict[str, Any]) -> str:
         names = [n for n in titles if n in swap["best"]]
         lines += [
             "",
-            f"swap success vs α ({swap['n_trials']} trials; success = continuation classified as the "
-            f"target; best α = highest success with {bound}; unsteered: success "
+            f"swap success vs α ({swap['n_trials']} trials; success = {judged}; "
+            f"best α = highest success with {bound}; unsteered: success "
             f"{_pct(swap['orig_success'])}, perplexity {swap['reference_perplexity']:.2f})",
         ]
         lines.append(f"{'α':>6}" + "".join(f"  {titles[n] + ' success / ppl×':>32}" for n in names))
         for row in swap["by_alpha"]:
             cells = [f"{_pct(row[n]['success'])} / {row[n]['ppl_ratio']:.3f}" for n in names]
             lines.append(f"{_g(row['alpha']):>6}" + "".join(f"  {c:>32}" for c in cells))
+        if swap.get("judge") == "answer":
+            lines.append("rest unchanged (answer is one of the same person's values) / source answer kept:")
+            for row in swap["by_alpha"]:
+                cells = [f"{_pct(row[n]['same_person'])} / {_pct(row[n]['source_kept'])}" for n in names]
+                lines.append(f"{_g(row['alpha']):>6}" + "".join(f"  {c:>32}" for c in cells))
         if "diffmean" in names:
             b = swap["best"]["diffmean"]
             cell = f"{_pct(b['success'])} (α={_g(b['alpha'])}, ppl× {b['ppl_ratio']:.3f})" if b else "none"

@@ -20,6 +20,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "submit": ("submit", "submit a job to a Ray cluster and stream its logs"),
     "jobs": ("submit", "list the jobs of a Ray cluster"),
     "align-sae": ("align_sae", "AlignSAE: post-train an SAE so that slots bind to concepts"),
+    "bioqa": ("bioqa", "AlignSAE on the bio-QA task: world, LM, vanilla SAE, relation slots, swaps, report"),
     "evaluate": ("evaluate", "evaluate steering methods on prompts; JSON + HTML report"),
 }
 

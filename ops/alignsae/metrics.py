@@ -124,6 +124,20 @@ def entanglement_index(slot_acts: np.ndarray, n_bins: int = 4) -> tuple[float, n
     return (float(np.mean([mi[i, j] for i, j in pairs])) if pairs else 0.0), mi
 
 
+def binding_accuracy(slot_acts: np.ndarray, labels: np.ndarray, families: Sequence[str]) -> float:
+    """Diagonal binding accuracy: the share of texts whose own concept's slot is the most active
+    (``slot_acts`` [n, C], normalised by the caller) among the slots of its concept's family."""
+    acts, y = np.asarray(slot_acts, dtype=np.float64), np.asarray(labels, dtype=bool)
+    if not len(acts):
+        return float("nan")
+    fams = np.asarray(families)
+    hits = []
+    for row, truth in zip(acts, y.argmax(1), strict=True):
+        members = np.flatnonzero(fams == fams[truth])
+        hits.append(members[int(np.argmax(row[members]))] == truth)
+    return float(np.mean(hits))
+
+
 def swap_success(predicted: Sequence[str], targets: Sequence[str]) -> float:
     """Share of swaps whose continuation is classified as the target concept."""
     if not targets:

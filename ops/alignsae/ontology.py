@@ -3,7 +3,10 @@
 Two input forms:
 
 * JSONL (or any source :func:`ops.texts.read_texts` reads, ``embedded:ontology`` included) with
-  a ``text`` and a ``label`` column and an optional ``family`` column;
+  a ``text`` and a ``label`` column and optional columns: ``family``; ``split`` (``train`` or
+  ``test``: a fixed split, used instead of the seeded one, e.g. train vs held-out question
+  templates); ``answers`` (a JSON object concept -> the answer a swap toward that concept should
+  produce, for the exact-match swap judge, e.g. the person's value of each relation);
 * YAML: a mapping ``concept -> list of texts`` (or ``concept -> {family: ..., texts: [...]}``).
 
 A *family* groups mutually exclusive concepts (``sentiment:positive`` / ``sentiment:negative``).
@@ -17,10 +20,12 @@ give the same train and test texts.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +46,10 @@ class Ontology:
     texts: tuple[str, ...]
     labels: tuple[str, ...]
     families: dict[str, str]
+    splits: tuple[str, ...] | None = None
+    """Per text, 'train' or 'test' when the ontology fixes its own split."""
+    answers: tuple[dict[str, str], ...] | None = None
+    """Per text, concept -> expected answer (the exact-match swap judge)."""
 
     @property
     def concepts(self) -> list[str]:
@@ -69,6 +78,8 @@ class Ontology:
             texts=tuple(self.texts[i] for i in rows),
             labels=tuple(self.labels[i] for i in rows),
             families=dict(self.families),
+            splits=None if self.splits is None else tuple(self.splits[i] for i in rows),
+            answers=None if self.answers is None else tuple(self.answers[i] for i in rows),
         )
 
     def select(self, concepts: Sequence[str]) -> Ontology:
@@ -77,7 +88,8 @@ class Ontology:
         keep = set(concepts)
         rows = [i for i, lab in enumerate(self.labels) if lab in keep]
         sub = self.subset(rows)
-        return Ontology(sub.source, sub.texts, sub.labels, {c: f for c, f in self.families.items() if c in keep})
+        families = {c: f for c, f in self.families.items() if c in keep}
+        return Ontology(sub.source, sub.texts, sub.labels, families, sub.splits, sub.answers)
 
 
 def default_family(label: str) -> str:
@@ -129,6 +141,26 @@ def _read_yaml(path: Path) -> tuple[list[str], list[str], list[str | None]]:
     return texts, labels, fams
 
 
+def _extra_columns(spec: str, table: Any) -> tuple[list[str] | None, list[dict[str, str]] | None]:
+    """The optional ``split`` and ``answers`` columns of an ontology table, checked."""
+    splits = answers = None
+    if "split" in table.column_names:
+        splits = [str(x) for x in table.column("split").to_pylist()]
+        bad = sorted(set(splits) - {"train", "test"})
+        if bad:
+            raise SaealignError(f"ontology '{spec}' has split value(s) {bad}; fix: use 'train' or 'test'")
+    if "answers" in table.column_names:
+        answers = []
+        for x in table.column("answers").to_pylist():
+            value = json.loads(x) if isinstance(x, str) else x
+            if not isinstance(value, dict):
+                raise SaealignError(
+                    f"ontology '{spec}': an 'answers' cell is not an object; fix: map concept -> answer"
+                )
+            answers.append({str(k): str(v) for k, v in value.items() if v is not None})
+    return splits, answers
+
+
 def _read_table(spec: str) -> tuple[list[str], list[str], list[str | None]]:
     table = read_texts(spec).table
     if "label" not in table.column_names:
@@ -150,9 +182,17 @@ def load_ontology(spec: str, min_texts: int = MIN_TEXTS_PER_CONCEPT) -> Ontology
     if is_yaml and not Path(spec).expanduser().is_file():
         raise SaealignError(f"ontology '{spec}' does not exist; fix: pass an existing YAML or JSONL file")
     texts, labels, fams = _read_yaml(Path(spec).expanduser()) if is_yaml else _read_table(spec)
+    splits, answers = (None, None) if is_yaml else _extra_columns(spec, read_texts(spec).table)
     rows = [i for i, (t, lab) in enumerate(zip(texts, labels, strict=True)) if t.strip() and lab.strip()]
     texts, labels, fams = [texts[i] for i in rows], [labels[i] for i in rows], [fams[i] for i in rows]
-    ontology = Ontology(spec, tuple(texts), tuple(labels), _families(labels, fams))
+    ontology = Ontology(
+        spec,
+        tuple(texts),
+        tuple(labels),
+        _families(labels, fams),
+        None if splits is None else tuple(splits[i] for i in rows),
+        None if answers is None else tuple(answers[i] for i in rows),
+    )
     validate(ontology, min_texts)
     log.info("ontology %s: %d texts, %s", spec, len(texts), ontology.counts())
     return ontology
@@ -179,7 +219,17 @@ def _stable_key(seed: int, text: str) -> int:
 
 def split_ontology(ontology: Ontology, test_fraction: float = 0.25, seed: int = 0) -> tuple[Ontology, Ontology]:
     """Stratified train/test split: per concept, texts ordered by a seeded hash of their text and
-    the first ``round(test_fraction * n)`` (at least 2) go to test. Independent of file order."""
+    the first ``round(test_fraction * n)`` (at least 2) go to test. Independent of file order.
+    An ontology with its own ``split`` column is split by it instead (``test_fraction`` unused)."""
+    if ontology.splits is not None:
+        train_rows = [i for i, s in enumerate(ontology.splits) if s == "train"]
+        test_rows = [i for i, s in enumerate(ontology.splits) if s == "test"]
+        if not train_rows or not test_rows:
+            raise SaealignError(
+                f"ontology '{ontology.source}' splits into {len(train_rows)} train and {len(test_rows)} "
+                "test texts; fix: give both splits texts"
+            )
+        return ontology.subset(train_rows), ontology.subset(test_rows)
     if not 0.0 < test_fraction < 1.0:
         raise SaealignError(f"test fraction must be in (0, 1), got {test_fraction}")
     train: list[int] = []

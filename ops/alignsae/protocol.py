@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from ops.alignsae.metrics import (
     ReconTally,
     best_alpha,
     best_latents,
+    binding_accuracy,
     concept_auc,
     entanglement_index,
     geometric_mean,
@@ -28,11 +29,14 @@ from ops.alignsae.metrics import (
 )
 from ops.alignsae.ontology import Ontology
 from ops.alignsae.swaps import (
+    AnswerJudge,
     CentroidClassifier,
     ConceptSAE,
+    SwapJudge,
     SwapOutcome,
     SwapTrial,
     VanillaConceptSAE,
+    answer_of,
     concept_means,
     diffmean_specs,
     plan_swaps,
@@ -52,7 +56,7 @@ from ops.alignsae.training import (
 )
 from ops.errors import SaealignError
 from ops.models.lm import LanguageModel
-from ops.steering.engine import SteeringSpec
+from ops.steering.engine import Positions, SteeringSpec
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,19 @@ class SwapSweep:
     concept's mean) at the hook (a DiffMean steering vector), judged the same way."""
     max_ppl_increase: float = 0.30
     """Perplexity bound for the best α: the geometric-mean perplexity of its continuations at most
-    (1 + this) x that of the unsteered continuations of the same prompts."""
+    (1 + this) x that of the unsteered continuations of the same prompts (centroid judge only: an
+    exact answer is judged by itself, and its best α is the one of highest success)."""
+    swap_judge: Literal["centroid", "answer"] = "centroid"
+    """How a swap is judged: 'centroid' (the continuation's nearest concept centroid, MiniLM) or
+    'answer' (exact match of the answer with the target concept's answer for the same prompt;
+    needs an ontology 'answers' column)."""
+    swap_positions: Positions = "all"
+    """Where the slot edit is written: 'all' steered positions, or only the 'last_prompt' token."""
+    swap_greedy: bool = False
+    """Greedy decoding of the swaps (default: top-5 sampling, seeded)."""
+    swap_all_targets: bool = False
+    """One trial per other concept of the family for each swap prompt (every ordered pair),
+    instead of one random target per prompt."""
 
     def __post_init__(self) -> None:
         if not self.swap_alphas or any(a <= 0 for a in self.swap_alphas):
@@ -134,13 +150,23 @@ def _recon(csae: ConceptSAE, data: ConceptData, chunk: int = 4096) -> ReconTally
 
 
 def sae_metrics(csae: ConceptSAE, data: ConceptData, concepts: list[str], mi_bins: int) -> dict[str, Any]:
-    """Alignment AUC per concept, reconstruction (test + held-out generic text) and entanglement."""
+    """Alignment AUC per concept, binding accuracy (train and test: the own slot, over its
+    typical activation, is the family's most active), reconstruction (test + held-out generic
+    text) and entanglement."""
     slots = [csae.concept_slots[c] for c in concepts]
     acts = encode_in_chunks(csae.encode, data.acts["test"].pooled)[:, slots]
     auc = concept_auc(acts, data.test.label_matrix(concepts))
     entanglement, _ = entanglement_index(acts, mi_bins)
     tally = _recon(csae, data)
+    typical = np.array([max(csae.typical_activation(c), 1e-6) for c in concepts])
+    families = [data.train.families[c] for c in concepts]
+    train_acts = encode_in_chunks(csae.encode, data.acts["train"].pooled)[:, slots]
+    binding = {
+        "train": binding_accuracy(train_acts / typical, data.train.label_matrix(concepts), families),
+        "test": binding_accuracy(acts / typical, data.test.label_matrix(concepts), families),
+    }
     return {
+        "binding_accuracy": binding,
         "auc_mean": float(np.nanmean(auc)),
         "auc": dict(zip(concepts, auc.round(4).tolist(), strict=True)),
         "mse": tally.mse,
@@ -178,49 +204,99 @@ def swap_sweep(
     when asked), judged by a centroid classifier fit on the training texts. Returns the summary
     (success and perplexity ratio per α, the best α within the perplexity bound) and every
     continuation as a record."""
-    trials = plan_swaps(data.test.texts, data.test.labels, data.train.families, cfg.swap_prompts, seed)
+    if cfg.swap_judge == "answer" and data.test.answers is None:
+        raise SaealignError("--swap-judge answer needs expected answers; fix: give the ontology an 'answers' column")
+    trials = plan_swaps(
+        data.test.texts,
+        data.test.labels,
+        data.train.families,
+        cfg.swap_prompts,
+        seed,
+        answers=data.test.answers,
+        all_targets=cfg.swap_all_targets,
+    )
     if not trials:
         return {"n_trials": 0, "note": "no family with two concepts: nothing to swap"}, []
-    texts = {
-        c: [t for t, lab in zip(data.train.texts, data.train.labels, strict=True) if lab == c]
-        for c in data.train.concepts
-    }
-    classifier = CentroidClassifier.fit(texts)
-    run = dict(classifier=classifier, max_new_tokens=cfg.swap_max_new_tokens, seed=seed)
+    judge: SwapJudge
+    if cfg.swap_judge == "answer":
+        judge = AnswerJudge()
+    else:
+        texts = {
+            c: [t for t, lab in zip(data.train.texts, data.train.labels, strict=True) if lab == c]
+            for c in data.train.concepts
+        }
+        judge = CentroidClassifier.fit(texts)
+    bound = cfg.max_ppl_increase if cfg.swap_judge == "centroid" else None
+    run = dict(classifier=judge, max_new_tokens=cfg.swap_max_new_tokens, seed=None if cfg.swap_greedy else seed)
     ref = run_trials(model, trials, **run)  # type: ignore[arg-type]
     ppl_ref = geometric_mean([p for p in ref.perplexities if np.isfinite(p)])
     records = [_record(t, "orig", 0.0, ref, i) for i, t in enumerate(trials)]
     # name -> (the SAE the hook runs, or None; the trials' specs at α)
+    where: Positions = cfg.swap_positions
     edits: dict[str, tuple[Any, Callable[[float], list[SteeringSpec]]]] = {
-        name: (csae, functools.partial(swap_specs, csae, trials, keep_error=cfg.swap_keep_error))
+        name: (csae, functools.partial(swap_specs, csae, trials, keep_error=cfg.swap_keep_error, positions=where))
         for name, csae in saes.items()
     }
     if cfg.swap_control:
         train = data.acts["train"]
         means = concept_means(train.tokens, train.offsets, data.train.labels)
-        edits["diffmean"] = (None, functools.partial(diffmean_specs, means, trials))
+        edits["diffmean"] = (None, functools.partial(diffmean_specs, means, trials, positions=where))
     rows = []
     for alpha in cfg.swap_alphas:
         row: dict[str, Any] = {"alpha": alpha}
         for name, (sae, specs_at) in edits.items():
             outcome = run_trials(model, trials, hook=hook, sae=sae, specs=specs_at(alpha), **run)  # type: ignore[arg-type]
             row[name] = _swap_row(outcome, trials, ppl_ref)
+            if cfg.swap_judge == "answer":
+                row[name].update(_answer_stats(outcome, trials))
             records += [_record(t, name, alpha, outcome, i) for i, t in enumerate(trials)]
         log.info("swap α=%s: %s", alpha, row)
         rows.append(row)
-    summary = {
+    summary: dict[str, Any] = {
         "n_trials": len(trials),
+        "judge": cfg.swap_judge,
+        "positions": cfg.swap_positions,
+        "greedy": cfg.swap_greedy,
         "reference_perplexity": ppl_ref,
         "orig_success": swap_success(ref.predicted, [t.target for t in trials]),
-        "max_ppl_increase": cfg.max_ppl_increase,
+        "max_ppl_increase": bound,
         "by_alpha": rows,
-        "best": {name: _best(rows, name, cfg.max_ppl_increase) for name in edits},
+        "best": {name: _best(rows, name, bound) for name in edits},
     }
+    if cfg.swap_judge == "answer":
+        summary["orig"] = _answer_stats(ref, trials)
+        summary["by_pair"] = {
+            name: _by_pair(records, name, best["alpha"]) for name, best in summary["best"].items() if best
+        }
     return summary, records
 
 
-def _best(rows: list[dict[str, Any]], name: str, max_increase: float) -> dict[str, Any] | None:
-    """``name``'s best α within the perplexity bound (None: no α stays within it)."""
+def _answer_stats(outcome: SwapOutcome, trials: list[SwapTrial]) -> dict[str, float]:
+    """Exact-answer judge: the share of answers still the source concept's (the swap did nothing),
+    and the share that are one of the same prompt's answers at all (the rest kept: the same person)."""
+    said = [answer_of(t) for t in outcome.continuations]
+    pairs = list(zip(said, trials, strict=True))
+    return {
+        "source_kept": float(np.mean([s == (t.answers or {}).get(t.source) for s, t in pairs])),
+        "same_person": float(np.mean([s in (t.answers or {}).values() for s, t in pairs])),
+    }
+
+
+def _by_pair(records: list[dict[str, Any]], name: str, alpha: float) -> dict[str, float]:
+    """Success per 'source -> target' pair of ``name``'s swaps at ``alpha``."""
+    hits: dict[str, list[bool]] = {}
+    for r in records:
+        if r["sae"] == name and r["alpha"] == alpha:
+            hits.setdefault(f"{r['source']} -> {r['target']}", []).append(r["predicted"] == r["target"])
+    return {pair: float(np.mean(v)) for pair, v in hits.items()}
+
+
+def _best(rows: list[dict[str, Any]], name: str, max_increase: float | None) -> dict[str, Any] | None:
+    """``name``'s best α within the perplexity bound (None: no α stays within it); without a
+    bound (``max_increase`` None), the α of highest success."""
+    if max_increase is None:
+        top = max(rows, key=lambda r: (r[name]["success"], -r["alpha"]))
+        return {"alpha": top["alpha"], "success": top[name]["success"], "ppl_ratio": top[name]["ppl_ratio"]}
     best = best_alpha([(r["alpha"], r[name]["success"], r[name]["ppl_ratio"]) for r in rows], max_increase)
     return None if best is None else dict(zip(("alpha", "success", "ppl_ratio"), best, strict=True))
 

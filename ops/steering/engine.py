@@ -34,6 +34,10 @@ between a' and a. So Clamp changes exactly ``clamp_k`` latents in ``add`` mode, 
 
 Positions: the first real position of each row and special tokens (BOS, EOS, pad) are left
 untouched (pass-through x, statistics NaN) unless ``include_first=True``; padding is never steered.
+A spec's ``positions`` is ``all`` (every other position, prompt and generated tokens alike) or
+``last_prompt``: only the last real position of a forward that starts at position 0 (the
+prefill's last prompt token, :func:`last_prompt_positions`), decode steps left alone, as
+AlignSAE's concept swaps edit (docs/algorithms.md §6).
 
 Isolation: nothing about a request is global. The context manager registers (reference-counted)
 one dispatching hook per module; it acts only for the sessions set in a ``ContextVar`` by the
@@ -69,6 +73,8 @@ Method = Literal["orig", "sae", "clamp", "swap", "weight", "set"]
 METHODS: tuple[str, ...] = ("orig", "sae", "clamp", "swap", "weight", "set")
 SCORED_METHODS: tuple[str, ...] = ("clamp", "swap", "weight")
 ClampMode = Literal["multiply", "add"]
+Positions = Literal["all", "last_prompt"]
+POSITIONS: tuple[str, ...] = ("all", "last_prompt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,11 +142,16 @@ class SteeringSpec(SteeringOptions):
     """Set: latent index -> the value it takes (every other latent keeps its activation)."""
     topic: str | None = None
     """Label of the topic the scores belong to (reporting only)."""
+    positions: Positions = "all"
+    """Where the edit is written: 'all' steered positions, or only the 'last_prompt' position
+    (the last token of the prefill; generated tokens are not edited)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in METHODS:
             raise SaealignError(f"unknown steering method '{self.method}'; fix: use one of {', '.join(METHODS)}")
+        if self.positions not in POSITIONS:
+            raise SaealignError(f"unknown positions '{self.positions}'; fix: use one of {', '.join(POSITIONS)}")
         self._check_latents()
         if self.scores is not None:
             object.__setattr__(self, "scores", as_scores(self.scores))
@@ -188,6 +199,7 @@ class SteeringSpec(SteeringOptions):
             "has_scores": self.scores is not None,
             "vector_norm": float(self.vector.norm()) if self.vector is not None else None,
             "latents": dict(self.latents) if self.latents is not None else None,
+            "positions": self.positions,
         }
 
     @property
@@ -472,6 +484,8 @@ class BatchSteerer:
         self.uses_sae = bool(sae_rows)
         self.active = self.uses_sae or self.vectors is not None
         self.include_first = torch.tensor([s.include_first for s in self.specs], device=self.device)
+        self.last_only = torch.tensor([s.positions == "last_prompt" for s in self.specs], device=self.device)
+        self.any_last_only = bool(self.last_only.any())
         if not self.uses_sae:
             return
         if view is None:
@@ -555,15 +569,22 @@ class BatchSteerer:
         return weight_acts(self.view, gamma, g.scores)
 
     def apply(
-        self, x: torch.Tensor, real: torch.Tensor, protected: torch.Tensor
+        self, x: torch.Tensor, real: torch.Tensor, protected: torch.Tensor, last_prompt: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, StepStats | None]:
         """Steer x [B, S, D]; ``real`` [B, S] marks non-padding, ``protected`` [B, S] the first
-        position and special tokens. Returns the new activations and the step's statistics."""
+        position and special tokens, ``last_prompt`` [B, S] the last prompt position (needed by
+        specs with ``positions='last_prompt'``; :func:`last_prompt_positions`). Returns the new
+        activations and the step's statistics."""
         self.check_batch(x.shape[0])
         if not self.active:
             return x, None
         include = self.include_first if len(self.specs) == x.shape[0] else self.include_first.expand(x.shape[0])
         steer = real & (include[:, None] | ~protected)
+        if self.any_last_only:
+            if last_prompt is None:
+                raise SaealignError("a 'last_prompt' spec needs the last prompt positions; fix: pass last_prompt")
+            only = self.last_only if len(self.specs) == x.shape[0] else self.last_only.expand(x.shape[0])
+            steer = steer & (~only[:, None] | last_prompt.to(steer.device))
         if not self.uses_sae:
             nan = torch.full(steer.shape, math.nan, device=x.device)
             return self._add_vectors(x, steer), StepStats(nan, nan.clone(), steer & self.has_vector[:, None])
@@ -659,6 +680,15 @@ def protected_positions(
     return real, first | special
 
 
+def last_prompt_positions(real: torch.Tensor, past_len: int) -> torch.Tensor:
+    """[B, S] bool: the last real position of each row when this chunk starts the sequence
+    (``past_len`` 0: a prefill or a plain forward), nothing in a KV-cached decode step."""
+    if past_len > 0:
+        return torch.zeros_like(real, dtype=torch.bool)
+    after = real.flip(-1).long().cumsum(-1).flip(-1)  # real positions at or after each one
+    return real.bool() & (after == 1)
+
+
 def _config_special_ids(config: Any) -> list[int]:
     ids: set[int] = set()
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -685,7 +715,7 @@ class _Session:
     special_ids: torch.Tensor
     base: torch.nn.Module
     layer: torch.nn.Module
-    positions: tuple[torch.Tensor, torch.Tensor] | None = None
+    positions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def capture(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.steerer.active:
@@ -699,7 +729,8 @@ class _Session:
             return
         past_len = _cached_length(kwargs)
         shape = (int(ref.shape[0]), int(ref.shape[1]))
-        self.positions = protected_positions(ids, mask, past_len, self.special_ids.to(ref.device), shape)
+        real, protected = protected_positions(ids, mask, past_len, self.special_ids.to(ref.device), shape)
+        self.positions = (real, protected, last_prompt_positions(real, past_len))
 
     def steer(self, output: Any) -> Any:
         if not self.steerer.active:
@@ -901,13 +932,14 @@ def tl_steering_hook(
 
     def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
         shape = (int(act.shape[0]), int(act.shape[1]))
+        past = 0 if tokens is not None else seen[0]
         if tokens is not None:
             real, protected = protected_positions(tokens, attention_mask, 0, special.to(tokens.device), shape)
         else:
             real, protected = protected_positions(None, None, seen[0], special.to(act.device), shape)
             seen[0] += shape[1]
         real, protected = real.to(act.device), protected.to(act.device)
-        new_act, stats = steerer.apply(act, real, protected)
+        new_act, stats = steerer.apply(act, real, protected, last_prompt_positions(real, past))
         if stats is not None:
             record.steps.append(stats)
         return new_act

@@ -221,11 +221,12 @@ def generation_section(data: dict[str, Any]) -> list[str]:
 def serve_section(data: dict[str, Any]) -> list[str]:
     c = data["config"]
     out = [
-        f"One replica on {c['network']}, lake: {c['lake']}; topics {', '.join(c['topics'])}, methods "
-        f"{c['methods']}; {c['tokens_per_request']} tokens per request (no stop at EOS), max batch size "
-        f"{c['max_batch_size']}, {c['torch_threads']} torch threads. Batched: {c['clients']} concurrent clients × "
-        f"{c['requests_per_client']} requests; one at a time: {c['sequential_requests']} requests, half before "
-        "and half after the batched phase.",
+        f"One replica on {c['network']}, lake: {c['lake']}; topics {', '.join(c['topics'])}; "
+        f"{c['specs']}, K = {', '.join(map(str, c['spec_counts']))}; {c['tokens_per_request']} tokens per "
+        f"request (no stop at EOS), max batch size {c['max_batch_size']}, {c['torch_threads']} torch threads. "
+        f"Served: {c['clients']} concurrent clients × {c['requests_per_client']} requests per K; raw: the same "
+        "requests decoded in the benchmark's process in one running batch (no HTTP, no scheduler), right "
+        f"before; one at a time: {c['sequential_requests']} requests, half before and half after.",
         "",
         *_grid(
             ["phase", "requests", "errors", "p50 latency (s)", "p95 latency (s)", "tokens/s", "mean batch", "wall (s)"],
@@ -239,7 +240,7 @@ def serve_section(data: dict[str, Any]) -> list[str]:
         "",
         *_ratios(data["ratios"]),
         "",
-        f"Batched requests completed: {data['batched_completed']:,} of {data['batched_planned']:,}; "
+        f"Served requests completed: {data['served_completed']:,} of {data['served_planned']:,}; "
         f"errors: {data['errors']}.",
     ]
     return out
@@ -398,10 +399,19 @@ BENCHMARKS: list[tuple[str, str, str, Callable[[dict[str, Any]], list[str]]]] = 
     ("serve", "Serving", "tests.benchmarks.bench_serve", serve_section),
     ("lake", "The lake", "tests.benchmarks.bench_lake", lake_section),
     ("scoring", "Topic scoring", "tests.benchmarks.bench_scoring", scoring_section),
-    ("alignsae", "AlignSAE", "tests.benchmarks.bench_alignsae", generic_section),
+    (
+        "alignsae",
+        "AlignSAE, the open-ended-concept case (sentiment, news topic, question type)",
+        "tests.benchmarks.bench_alignsae",
+        generic_section,
+    ),
     ("swap_layers", "Concept swaps at other layers", "tests.benchmarks.bench_swap_layers", generic_section),
 ]
-ON_RESULTS = {"topics": "tests.benchmarks.bench_topics", "demo": "tests.benchmarks.bench_demo"}
+ON_RESULTS = {
+    "topics": "tests.benchmarks.bench_topics",
+    "demo": "tests.benchmarks.bench_demo",
+    "bioqa": "tests.benchmarks.bench_bioqa",
+}
 
 BENCH_INTRO = """\
 Every number on this page was measured by a benchmark in `tests/benchmarks/` (not run by CI) and
@@ -647,9 +657,81 @@ def demo_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def bioqa_section(data: dict[str, Any]) -> list[str]:
+    """AlignSAE on the paper's own task (docs/algorithms.md §6): the bio-QA relation slots."""
+    lm, metrics, swap = data["lm"], data["metrics"], data["swap"]
+    em = lm["exact_match"]
+    van, ali = metrics["vanilla"], metrics["aligned"]
+    best = swap["best"]
+    out = [
+        "## AlignSAE on the paper's task: relation slots in a bio-QA model",
+        "",
+        _measured(data.get("bench")),
+        "",
+        f"A world of {lm['world']['people']:,} people with six relations, a GPT-2 of "
+        f"{lm['parameters']:,} parameters trained from scratch ({lm['steps']:,} steps, "
+        f"{lm['timings']['train_s'] / 60:.1f} min), SAEs at `{data['hook']}` reading the last prompt token; "
+        "swaps write the slot edit at the last prompt position only and decode greedily; a swap succeeds "
+        "when the answer is the target relation's value for the same person (exact match). "
+        f"LM exact match (greedy): train templates {em['train']['exact_match']:.3f}, held-out templates "
+        f"{em['test']['exact_match']:.3f}.",
+        "",
+        *_grid(
+            ["metric", "vanilla SAE (best latent)", "AlignSAE"],
+            [
+                [
+                    "binding accuracy, train templates",
+                    _num(van["binding_accuracy"]["train"], ".3f"),
+                    _num(ali["binding_accuracy"]["train"], ".3f"),
+                ],
+                [
+                    "binding accuracy, held-out templates",
+                    _num(van["binding_accuracy"]["test"], ".3f"),
+                    _num(ali["binding_accuracy"]["test"], ".3f"),
+                ],
+                ["alignment AUC (held-out)", _num(van["auc_mean"], ".3f"), _num(ali["auc_mean"], ".3f")],
+                ["reconstruction MSE", _num(van["mse"], ".5f"), _num(ali["mse"], ".5f")],
+                ["entanglement (MI, nats)", _num(van["entanglement"], ".4f"), _num(ali["entanglement"], ".4f")],
+                [
+                    "swap success at best α",
+                    f"{_num(best['vanilla']['success'], '.0%')} (α {best['vanilla']['alpha']:g})",
+                    f"{_num(best['aligned']['success'], '.0%')} (α {best['aligned']['alpha']:g})",
+                ],
+            ],
+        ),
+        "",
+        f"Swap success vs α ({swap['n_trials']} trials per α; rest unchanged = the answer is one of the same "
+        "person's values):",
+        "",
+        *_grid(
+            ["α", "vanilla success", "vanilla rest unchanged", "AlignSAE success", "AlignSAE rest unchanged"],
+            [
+                [
+                    f"{r['alpha']:g}",
+                    _num(r["vanilla"]["success"], ".0%"),
+                    _num(r["vanilla"].get("same_person"), ".0%"),
+                    _num(r["aligned"]["success"], ".0%"),
+                    _num(r["aligned"].get("same_person"), ".0%"),
+                ]
+                for r in swap["by_alpha"]
+            ],
+        ),
+    ]
+    pairs = swap.get("by_pair", {}).get("aligned")
+    if pairs:
+        out += ["", "AlignSAE success per relation pair at its best α:", ""]
+        out += _grid(
+            ["source → target", "success"],
+            [[k.replace("relation:", "").replace("->", "→"), _num(v, ".0%")] for k, v in sorted(pairs.items())],
+        )
+    return out
+
+
 RESULTS_INTRO = """\
-Steering quality, rendered by `make docs` from the JSON the demo benchmark and the topic benchmark
-write (`docs/data/demo.json`, `docs/data/topics.json`). Speed and memory are in
+Steering quality and AlignSAE's concept swaps on the paper's bio-QA task, rendered by `make docs`
+from the JSON the demo, topic and bio-QA benchmarks write (`docs/data/demo.json`,
+`docs/data/topics.json`, `docs/data/bioqa.json`); the open-ended-concept AlignSAE case is in
+[benchmarks.md](benchmarks.md). Speed and memory are in
 [benchmarks.md](benchmarks.md)."""
 
 
@@ -658,6 +740,7 @@ def render() -> str:
     sections = (
         ("demo", "The demo", demo_section),
         ("topics", "Steering toward topics nobody tuned on", topics_section),
+        ("bioqa", "AlignSAE on the paper's task: relation slots in a bio-QA model", bioqa_section),
     )
     for name, title, render_section in sections:
         lines.append("")

@@ -773,3 +773,45 @@ def test_running_batch_drops_cancelled_and_failing_rows_alone(
     results = [res for _ in range(10) for _, res in batch.step()]
     assert len(results) == 1 and not isinstance(results[0], Exception)
     assert results[0].token_ids == _alone(model, sae, "a mid prompt", SteeringSpec("swap", scores), params, 0).token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# positions="last_prompt": only the prefill's last prompt token is edited (AlignSAE swaps)
+
+
+def test_last_prompt_positions_marks_the_last_real_token_of_a_prefill() -> None:
+    from ops.steering.engine import last_prompt_positions
+
+    real = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    expected = torch.tensor([[0, 0, 0, 1], [0, 0, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    assert torch.equal(last_prompt_positions(real, 0), expected)
+    assert not last_prompt_positions(real, 5).any()  # a KV-cached decode step
+
+
+def test_last_prompt_spec_edits_only_the_last_prompt_position(model: LanguageModel, sae: Any) -> None:
+    ids = torch.tensor([[2, 2, 1, 10, 11, 12], [1, 13, 14, 15, 16, 17]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    plain = model.hf(ids, attention_mask=mask).logits
+    spec = SteeringSpec("set", latents={0: 25.0, 3: 0.0}, keep_error=True, positions="last_prompt")
+    with steering_hook(model.hf, sae, HOOK, spec, SPECIAL) as record:
+        edited = model.hf(ids, attention_mask=mask).logits
+    steered = record.steps[0].steered
+    assert steered[:, -1].all() and not steered[:, :-1].any()
+    torch.testing.assert_close(edited[:, :-1], plain[:, :-1])  # causal: earlier positions untouched
+    assert not torch.allclose(edited[:, -1], plain[:, -1])
+    everywhere = SteeringSpec("set", latents={0: 25.0, 3: 0.0}, keep_error=True)
+    with steering_hook(model.hf, sae, HOOK, everywhere, SPECIAL) as record_all:
+        model.hf(ids, attention_mask=mask)
+    assert int(record_all.steps[0].steered.sum()) > int(steered.sum())
+
+
+def test_last_prompt_spec_leaves_generated_tokens_alone(model: LanguageModel, sae: Any) -> None:
+    params = SamplingParams(max_new_tokens=5, greedy=True, stop_at_eos=False)
+    spec = SteeringSpec("set", latents={0: 25.0}, keep_error=True, positions="last_prompt")
+    with steering_hook(model.hf, sae, HOOK, spec, SPECIAL) as record:
+        generate(model, None, ["the heart"], params=params)
+    assert len(record.steps) == 5
+    assert int(record.steps[0].steered.sum()) == 1
+    assert not any(bool(s.steered.any()) for s in record.steps[1:])
+    with pytest.raises(SaealignError, match="unknown positions"):
+        SteeringSpec("sae", positions="first")  # type: ignore[arg-type]
