@@ -1,10 +1,13 @@
 """Steered generation through the Hugging Face model: KV cache, left padding, per-row specs.
 
-:func:`generate` tokenizes the prompts, left-pads each batch, runs one prefill and then one
-KV-cached decode step per new token on ``model.hf`` inside :func:`ops.steering.engine.steering_hook`,
-so the hook (a native PyTorch forward hook on decoder layer L) steers the prompt and every
-generated token. Sampling: greedy, or top-k (default 5) with a temperature; each row draws from
-its own seeded generator, so a row's sample does not depend on the other rows of its batch.
+:class:`RunningBatch` is the one decode loop: rows join it (their left-padded prompts prefilled,
+their KV caches merged into the batch's) and leave it (finished, failed or cancelled) between
+two KV-cached decode steps on ``model.hf``, inside :func:`ops.steering.engine.steering_hook`, so
+the hook (a native PyTorch forward hook on decoder layer L) steers the prompt and every generated
+token of each row with the row's own spec. :func:`generate` (every job) and the service's
+scheduler (``workflows/serve_engine.py``) both drive it. Sampling: greedy, or top-k (default 5)
+with a temperature; each row draws from its own seeded generator, so a row's sample does not
+depend on the other rows of its batch.
 
 Per generated token j the result carries the statistics of the steered activation that produced
 it (token 0: the last prompt position; token j: generated token j − 1 fed back), NaN where the
@@ -194,7 +197,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generators: list[t
 
 
 # ---------------------------------------------------------------------------------------------
-# The decode loop
+# Batches
 
 
 @dataclass
@@ -222,61 +225,6 @@ def cache_keyword(hf: Any) -> str:
     """The keyword that carries the KV cache into ``hf.forward``: ``cache`` from transformers
     5.24 on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
-
-
-@torch.inference_mode()
-def decode_loop(
-    hf: Any,
-    batch: _Batch,
-    params: SamplingParams,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    seeds: Sequence[int] | None = None,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Prefill + KV-cached decode. Returns generated ids [B, T], a done-before mask [B, T] (True
-    where the row had already finished), and timings. ``seeds``: one per row (default params.seed).
-    ``on_step(step, ids [B])`` runs right after each step's tokens are sampled."""
-    from transformers import DynamicCache
-
-    device = batch.input_ids.device
-    row_seeds = list(seeds) if seeds is not None else [params.seed] * len(batch.ids)
-    generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in row_seeds]
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    mask = batch.attention_mask
-    positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)
-    cached = {cache_keyword(hf): DynamicCache(config=hf.config), "use_cache": True}
-    t0 = time.perf_counter()
-    out = hf(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1, **cached)
-    t_prefill = time.perf_counter() - t0
-    finished = torch.zeros(len(batch.ids), dtype=torch.bool, device=device)
-    tokens: list[torch.Tensor] = []
-    dead: list[torch.Tensor] = []
-    position = positions[:, -1:]
-    for step in range(params.max_new_tokens):
-        nxt = sample_next(out.logits[:, -1, :], params, generators)
-        dead.append(finished.clone())
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        if on_step is not None:
-            on_step(step, nxt)
-        if params.stop_at_eos:
-            finished = finished | torch.isin(nxt, eos)
-        if step == params.max_new_tokens - 1 or bool(finished.all()):
-            break
-        mask = torch.cat([mask, (~finished).long()[:, None]], dim=-1)
-        position = position + 1
-        out = hf(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, **cached)
-    total = time.perf_counter() - t0
-    timings = {
-        "prefill_s": t_prefill,
-        "decode_s": total - t_prefill,
-        "total_s": total,
-        "steps": float(len(tokens)),
-        "s_per_token": total / max(len(tokens), 1),
-        "batch_size": float(len(batch.ids)),
-    }
-    return torch.stack(tokens, dim=1), torch.stack(dead, dim=1), timings
 
 
 # ---------------------------------------------------------------------------------------------
