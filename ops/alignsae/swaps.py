@@ -241,13 +241,8 @@ def plan_swaps(
     if all_targets:
         return _all_pair_swaps(texts, labels, families, per_family, seed, max_prompt_chars, answers)
     rng = np.random.default_rng(seed)
-    by_family: dict[str, list[str]] = {}
-    for concept, fam in families.items():
-        by_family.setdefault(fam, []).append(concept)
     trials: list[SwapTrial] = []
-    for members in by_family.values():
-        if len(members) < 2:
-            continue
+    for members in _swappable_families(families):
         pools = {c: [t[:max_prompt_chars] for t, lab in zip(texts, labels, strict=True) if lab == c] for c in members}
         for c in members:
             rng.shuffle(pools[c])
@@ -261,6 +256,14 @@ def plan_swaps(
     return trials
 
 
+def _swappable_families(families: Mapping[str, str]) -> list[list[str]]:
+    """The concepts of each family that has at least two (concept -> family order kept)."""
+    by_family: dict[str, list[str]] = {}
+    for concept, fam in families.items():
+        by_family.setdefault(fam, []).append(concept)
+    return [members for members in by_family.values() if len(members) >= 2]
+
+
 def _all_pair_swaps(
     texts: Sequence[str],
     labels: Sequence[str],
@@ -271,13 +274,8 @@ def _all_pair_swaps(
     answers: Sequence[Mapping[str, str]] | None,
 ) -> list[SwapTrial]:
     rng = np.random.default_rng(seed)
-    by_family: dict[str, list[str]] = {}
-    for concept, fam in families.items():
-        by_family.setdefault(fam, []).append(concept)
     trials: list[SwapTrial] = []
-    for members in by_family.values():
-        if len(members) < 2:
-            continue
+    for members in _swappable_families(families):
         pools = {c: [i for i, lab in enumerate(labels) if lab == c] for c in members}
         for c in members:
             rng.shuffle(pools[c])

@@ -472,13 +472,14 @@ class RunningBatch:
         ids = sample_rows(logits, [r.req.params for r in live], [r.generator for r in live])
         done: list[Finished] = []
         ended: list[int] = []
-        for col, (i, row, token) in enumerate(zip(rows, live, ids.tolist(), strict=True)):
-            c = float(stats.contamination[col, -1]) if stats is not None else math.nan
-            ch = float(stats.latents_changed[col, -1]) if stats is not None else math.nan
+        nan = [math.nan] * len(live)
+        cs = stats.contamination[:, -1].tolist() if stats is not None else nan  # one read per step, not per row
+        chs = stats.latents_changed[:, -1].tolist() if stats is not None else nan
+        self._next[rows.start : rows.stop] = ids  # the next step's inputs
+        for i, row, token, c, ch in zip(rows, live, ids.tolist(), cs, chs, strict=True):
             row.token_ids.append(int(token))
             row.contamination.append(c)
             row.latents_changed.append(ch)
-            self._next[i] = int(token)
             try:
                 if row.req.on_token is not None:
                     row.req.on_token(TokenEvent(len(row.token_ids) - 1, row.req.row, int(token), c, ch))
