@@ -59,7 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ops.errors import SaealignError, TopicExistsError
 from ops.lake.contract import Lake
 from ops.scoring.scores import resolve_dataset
-from ops.steering.generation import GenerationCancelled
+from ops.steering.generation import DecodeRequest, GenerationCancelled
 from workflows._config import parse_config
 from workflows.serve_api import (
     ChatCompletionRequest,
@@ -77,7 +77,6 @@ from workflows.serve_api import (
 )
 from workflows.serve_engine import (
     Engine,
-    Row,
     Scheduler,
     ServeConfig,
     ServiceBusyError,
@@ -213,14 +212,14 @@ class SaealignService:
 
     # -- scheduling -----------------------------------------------------------------------------
 
-    async def _run(self, row: Row, started: float) -> dict[str, Any]:
+    async def _run(self, row: DecodeRequest, started: float) -> dict[str, Any]:
         res = await self.scheduler.submit(row)
         if isinstance(res, Exception):
             raise res
         queue_s = max(0.0, time.perf_counter() - row.queued_at - res.timings["total_s"])
         return result_dict(res, row, started, {"queue_s": queue_s})
 
-    async def _rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[Row]:
+    async def _rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[DecodeRequest]:
         if req.topic and req.topic not in self.engine.topics:
             await asyncio.to_thread(self.engine.topic, req.topic)  # loads it, or 404
         rows = self.engine.rows(req, methods)
@@ -292,7 +291,7 @@ class SaealignService:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _stream(self, row: Row) -> AsyncGenerator[tuple[str, Any], None]:
+    async def _stream(self, row: DecodeRequest) -> AsyncGenerator[tuple[str, Any], None]:
         """('token', event)… then ('done', GenerationResult) or ('error', error body): the row runs
         in the scheduler's batch; leaving early (client gone) takes it out at the next step."""
         loop = asyncio.get_running_loop()
@@ -388,7 +387,7 @@ class SaealignService:
         }
 
     async def _openai_chunks(
-        self, row: Row, req: OpenAIRequest, base: dict[str, Any], shape: _OpenAIShape
+        self, row: DecodeRequest, req: OpenAIRequest, base: dict[str, Any], shape: _OpenAIShape
     ) -> AsyncIterator[str]:
         """OpenAI streaming: ``data: {chunk}`` per token, a last chunk with the finish reason, ``[DONE]``."""
         stops, text, finish = req.stops(), "", "length"

@@ -141,24 +141,6 @@ class UnknownTopicError(SaealignError):
 
 
 @dataclass
-class Row:
-    """One generation request: prompt (and its token ids), steering spec, sampling parameters and seed."""
-
-    prompt: str
-    prompt_ids: list[int]
-    spec: SteeringSpec
-    params: SamplingParams
-    seed: int
-    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def request(
-        self, on_token: TokenCallback | None = None, cancelled: Callable[[], bool] | None = None
-    ) -> DecodeRequest:
-        """The row as the running batch takes it."""
-        return DecodeRequest(self.prompt, self.prompt_ids, self.spec, self.params, self.seed, on_token, cancelled)
-
-
-@dataclass
 class Topic:
     scores: torch.Tensor
     """[d_sae] float32, NaN = unscored."""
@@ -300,7 +282,7 @@ class Engine:
             raise RequestLimitError("max_new_tokens", f"{n} prompt tokens + {max_new_tokens} exceed the context")
         return list(ids)
 
-    def rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[Row]:
+    def rows(self, req: GenerateRequest | CompareRequest, methods: Sequence[str]) -> list[DecodeRequest]:
         check_limits(req, self.limits)
         ids = self.check_prompt(req.prompt, req.max_new_tokens)
         params = SamplingParams(
@@ -310,7 +292,7 @@ class Engine:
             temperature=req.temperature,
             stop_at_eos=not req.ignore_eos,
         )
-        return [Row(req.prompt, ids, self.spec(m, req.topic, req.options), params, req.seed) for m in methods]
+        return [DecodeRequest(req.prompt, ids, self.spec(m, req.topic, req.options), params, req.seed) for m in methods]
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -318,9 +300,9 @@ class Engine:
         """An empty :class:`RunningBatch` of this replica's model, SAE and hook."""
         return RunningBatch(self.model, self.sae, self.hook)
 
-    def run_rows(self, rows: Sequence[Row]) -> list[GenerationResult]:
+    def run_rows(self, rows: Sequence[DecodeRequest]) -> list[GenerationResult]:
         """Generate ``rows`` together, here and now (no scheduler): warm-up and tests."""
-        return run_requests(self.model, self.sae, self.hook, [r.request() for r in rows], len(rows))
+        return run_requests(self.model, self.sae, self.hook, list(rows), len(rows))
 
     def token_reporter(self, emit: Callable[[dict[str, Any]], None]) -> TokenCallback:
         """An ``on_token`` callback that calls ``emit`` with each new token as the API streams it:
@@ -346,11 +328,11 @@ class Engine:
     def warm_up(self) -> None:
         spec = SteeringSpec("swap", next(iter(self.topics.values())).scores) if self.topics else SteeringSpec("sae")
         ids = self.check_prompt("Hello", 2)
-        self.run_rows([Row("Hello", ids, spec, SamplingParams(max_new_tokens=2), 0)])
+        self.run_rows([DecodeRequest("Hello", ids, spec, SamplingParams(max_new_tokens=2), 0)])
 
 
 def result_dict(
-    res: GenerationResult, row: Row, started: float, extra: dict[str, float] | None = None
+    res: GenerationResult, row: DecodeRequest, started: float, extra: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """A result as the API returns it: ``GenerationResult.to_dict()`` plus the seed and the
     request's queue and total time."""
@@ -368,7 +350,6 @@ class ServiceBusyError(SaealignError):
 
 @dataclass
 class _Waiting:
-    row: Row
     request: DecodeRequest
     deliver: Callable[[GenerationResult | Exception], None]
 
@@ -418,7 +399,7 @@ class Scheduler:
             )
 
     async def submit(
-        self, row: Row, on_token: TokenCallback | None = None, cancelled: threading.Event | None = None
+        self, row: DecodeRequest, on_token: TokenCallback | None = None, cancelled: threading.Event | None = None
     ) -> GenerationResult | Exception:
         """Queue ``row`` and wait for its result (or the exception that ended it). ``on_token`` is
         called from the worker thread with each new token; setting ``cancelled`` (or cancelling
@@ -432,7 +413,7 @@ class Scheduler:
         def deliver(result: GenerationResult | Exception) -> None:
             loop.call_soon_threadsafe(_resolve, future, result)
 
-        self.put(_Waiting(row, row.request(on_token, gone), deliver))
+        self.put(_Waiting(dataclasses.replace(row, on_token=on_token, cancelled=gone), deliver))
         return await future
 
     def put(self, item: _Waiting) -> None:

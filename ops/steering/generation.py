@@ -306,6 +306,8 @@ class DecodeRequest:
     """Polled before every decode step; True drops the row (its result: :class:`GenerationCancelled`)."""
     row: int = 0
     """The caller's index of the row (reported in its token events)."""
+    queued_at: float = field(default_factory=time.perf_counter)
+    """When the request was made (``time.perf_counter``): the service reports its time queued."""
 
 
 @dataclass

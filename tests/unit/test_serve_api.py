@@ -77,10 +77,9 @@ class _StepBatch:
 
 def _row(prompt: str, tokens: int = 1) -> Any:
     from ops.steering.engine import SteeringSpec
-    from ops.steering.generation import SamplingParams
-    from workflows.serve_engine import Row
+    from ops.steering.generation import DecodeRequest, SamplingParams
 
-    return Row(prompt, [1, 2], SteeringSpec("orig"), SamplingParams(max_new_tokens=tokens), 0)
+    return DecodeRequest(prompt, [1, 2], SteeringSpec("orig"), SamplingParams(max_new_tokens=tokens), 0)
 
 
 def test_a_full_queue_refuses_whole_requests_until_rows_drain() -> None:
