@@ -46,7 +46,7 @@ integration: install
 	$(VENV)/bin/pytest -q tests/integration
 
 test: lint
-	$(VENV)/bin/pytest -q tests/unit tests/integration
+	$(VENV)/bin/pytest -q --durations=15 tests/unit tests/integration
 
 demo: install
 	$(VENV)/bin/saealign demo
