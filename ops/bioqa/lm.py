@@ -9,6 +9,10 @@
 * **Training data**: every biography (loss on every token) and every person's questions in the
   *train* templates, ``Q: {question}\\nA: {answer}<eos>`` (loss on the answer and EOS only).
   The held-out templates are never trained on.
+* **Word dropout** (``lm_word_dropout``): in every pass each question word but the name is, with
+  that chance, left out or read as ``<unk>``. Without it the model keys on the train phrasings
+  and on where their words stand, and answers held-out phrasings with another relation's value
+  of the same person; the held-out templates' words the LM never saw read as ``<unk>`` too.
 * **Training**: AdamW, linear warm-up then cosine decay, batches of one kind (biographies or
   questions) so that little is padding, ``lm_epochs`` passes.
 * **Evaluation**: greedy answers (the project's decode loop) of train-template and held-out
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 TRAINING_FILE = "bioqa_lm.json"
-FORMAT = "saealign-bioqa-lm-v1"
+FORMAT = "saealign-bioqa-lm-v2"
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,13 @@ class LMConfig:
     """AdamW peak learning rate (3 % warm-up, cosine decay to a tenth)."""
     lm_weight_decay: float = 0.01
     """AdamW weight decay."""
+    lm_word_dropout: float = 0.3
+    """Chance that each word of a training question other than the person's name is dropped in a
+    pass (drawn anew every pass; half the dropped words left out, half read as ``<unk>``): the
+    answer must follow from the words left wherever they stand, so neither a whole phrasing nor
+    a word's position is learnt as the cue (0: questions are read as written)."""
     lm_seed: int = 0
-    """Seed of the initialisation and the batch order."""
+    """Seed of the initialisation, the batch order and the word dropout."""
     lm_eval_questions: int = 1200
     """Questions per split (train templates, held-out templates) in the exact-match evaluation."""
 
@@ -74,6 +83,8 @@ class LMConfig:
             raise SaealignError(
                 "--lm-width, --lm-layers, --lm-heads, --lm-batch-tokens and --lm-epochs must be positive"
             )
+        if not 0.0 <= self.lm_word_dropout < 1.0:
+            raise SaealignError(f"--lm-word-dropout must be in [0, 1), got {self.lm_word_dropout}")
         if self.lm_width % self.lm_heads:
             raise SaealignError(f"--lm-width {self.lm_width} is not a multiple of --lm-heads {self.lm_heads}")
 
@@ -81,7 +92,7 @@ class LMConfig:
 def fingerprint(world: WorldConfig, lm: LMConfig) -> str:
     """Identifies one trained LM: the world it learnt and how (evaluation size excluded)."""
     train = {k: v for k, v in asdict(lm).items() if k != "lm_eval_questions"}
-    return hashlib.sha1(json.dumps([FORMAT, asdict(world), train]).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps([FORMAT, world.fingerprint(), train]).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +146,8 @@ class _Example:
     ids: list[int]
     loss_from: int
     """Positions before this one are context only (no loss on predicting them)."""
+    maskable: tuple[int, ...] = ()
+    """Positions the word dropout may replace by ``<unk>`` (a question's words but the name)."""
 
 
 def training_examples(world: World, tokenizer: Any) -> tuple[list[_Example], list[_Example]]:
@@ -144,7 +157,12 @@ def training_examples(world: World, tokenizer: Any) -> tuple[list[_Example], lis
     questions = world.questions("train")
     prompts = tokenizer([q.prompt for q in questions])["input_ids"]
     answers = tokenizer([q.answer for q in questions], add_special_tokens=False)["input_ids"]
-    qa = [_Example([*p, *a, eos], len(p)) for p, a in zip(prompts, answers, strict=True)]
+    names = tokenizer([world.people[q.person].name for q in questions], add_special_tokens=False)["input_ids"]
+    frame = set(tokenizer.convert_tokens_to_ids([tokenizer.bos_token, "Q:", "A:", "?"]))
+    qa = [
+        _Example([*p, *a, eos], len(p), tuple(i for i, t in enumerate(p) if t not in frame and t not in name))
+        for p, a, name in zip(prompts, answers, names, strict=True)
+    ]
     return bios, qa
 
 
@@ -156,7 +174,19 @@ def _batches(examples: list[_Example], batch_tokens: int, rng: random.Random) ->
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def _word_dropout(e: _Example, chance: float, unk: int, rng: random.Random) -> _Example:
+    """``e`` with each maskable word dropped with probability ``chance``: half the dropped words
+    are left out (the words after them move up a position) and half read as ``<unk>``."""
+    dropped = [pos for pos in e.maskable if rng.random() < chance]
+    if not dropped:
+        return e
+    unknown = {pos for pos in dropped if rng.random() < 0.5}
+    ids = [unk if i in unknown else t for i, t in enumerate(e.ids) if i in unknown or i not in dropped]
+    return _Example(ids, e.loss_from - (len(dropped) - len(unknown)))
+
+
 def _tensors(batch: list[_Example], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels) of ``batch``, right-padded."""
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -168,9 +198,10 @@ def _tensors(batch: list[_Example], pad: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, mask, labels
 
 
-def train_lm(model: Any, examples: Sequence[list[_Example]], cfg: LMConfig, pad: int) -> list[float]:
+def train_lm(model: Any, examples: Sequence[list[_Example]], cfg: LMConfig, pad: int, unk: int) -> list[float]:
     """Train ``model`` in place on the example groups for ``cfg.lm_epochs``; returns the loss per step."""
     rng = random.Random(cfg.lm_seed)
+    drop_rng = random.Random(cfg.lm_seed + 1)
     groups = [g for g in examples if g]
     per_epoch = sum(len(_batches(g, cfg.lm_batch_tokens, random.Random(0))) for g in groups)
     total = max(1, math.ceil(per_epoch * cfg.lm_epochs))
@@ -191,6 +222,8 @@ def train_lm(model: Any, examples: Sequence[list[_Example]], cfg: LMConfig, pad:
             epoch = [b for g in groups for b in _batches(g, cfg.lm_batch_tokens, rng)]
             rng.shuffle(epoch)
             for batch in epoch[: total - len(losses)]:
+                if cfg.lm_word_dropout > 0:
+                    batch = [_word_dropout(e, cfg.lm_word_dropout, unk, drop_rng) for e in batch]
                 ids, mask, labels = _tensors(batch, pad)
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 opt.zero_grad(set_to_none=True)
@@ -229,7 +262,7 @@ def answer_questions(model: Any, prompts: Sequence[str], max_new_tokens: int, ba
 
 def exact_match(model: Any, world: World, split: str, n: int, seed: int = 0) -> dict[str, Any]:
     """Exact match of greedy answers on ``n`` seeded questions of ``split`` ('train' templates or
-    held-out 'test' templates), overall and per relation."""
+    held-out 'test' templates), overall, per relation and per template ('relation/index')."""
     questions = world.questions(split)
     if n and n < len(questions):
         questions = random.Random(seed).sample(questions, n)
@@ -237,12 +270,15 @@ def exact_match(model: Any, world: World, split: str, n: int, seed: int = 0) -> 
     answers = answer_questions(model, [q.prompt for q in questions], longest)
     hits = [a == q.answer for a, q in zip(answers, questions, strict=True)]
     by_relation: dict[str, list[bool]] = {}
+    by_template: dict[str, list[bool]] = {}
     for q, hit in zip(questions, hits, strict=True):
         by_relation.setdefault(q.relation, []).append(hit)
+        by_template.setdefault(f"{q.relation}/{q.template}", []).append(hit)
     return {
         "exact_match": sum(hits) / len(hits),
         "n": len(hits),
         "by_relation": {r: sum(v) / len(v) for r, v in by_relation.items()},
+        "by_template": {t: sum(v) / len(v) for t, v in sorted(by_template.items())},
     }
 
 
@@ -284,7 +320,7 @@ def train_or_load(world_cfg: WorldConfig, cfg: LMConfig, root: Path) -> tuple[Pa
     bios, qa = training_examples(world, tokenizer)
     longest = max(len(e.ids) for e in (*bios, *qa)) + 8
     model = build_model(cfg, tokenizer, n_positions=1 << max(5, math.ceil(math.log2(longest))))
-    losses = train_lm(model, [bios, qa], cfg, tokenizer.pad_token_id)
+    losses = train_lm(model, [bios, qa], cfg, tokenizer.pad_token_id, tokenizer.unk_token_id)
     train_s = time.perf_counter() - t0
     tmp = target.with_name(f"{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

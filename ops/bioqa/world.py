@@ -84,41 +84,46 @@ QUESTION_TEMPLATES: dict[str, tuple[str, str, str, str]] = {
     "birth_date": (
         "What is the birth date of {name} ?",
         "When was {name} born ?",
-        "On what date was {name} born ?",
         "What was the date of birth of {name} ?",
+        "On which date was {name} born ?",
     ),
     "birth_city": (
         "What is the birth city of {name} ?",
         "Where was {name} born ?",
-        "In which city was {name} born ?",
         "What was the city of birth of {name} ?",
+        "In which city was {name} born ?",
     ),
     "university": (
-        "Which university did {name} attend ?",
+        "What is the university of {name} ?",
         "Where did {name} study ?",
-        "What university did {name} graduate from ?",
+        "What was the university of {name} ?",
         "At which university did {name} study ?",
     ),
     "major": (
+        "What is the major of {name} ?",
         "What did {name} major in ?",
         "What was the major of {name} ?",
-        "Which major did {name} choose ?",
-        "What field did {name} focus on at university ?",
+        "In which major did {name} study ?",
     ),
     "employer": (
-        "Which company did {name} work for ?",
-        "Who employed {name} ?",
-        "What company was {name} employed by ?",
-        "For which company did {name} work ?",
+        "What is the employer of {name} ?",
+        "Who did {name} work for ?",
+        "What was the employer of {name} ?",
+        "For which employer did {name} work ?",
     ),
     "work_city": (
+        "What is the work city of {name} ?",
         "Where did {name} work ?",
+        "What was the city of work of {name} ?",
         "In which city did {name} work ?",
-        "What city did {name} work in ?",
-        "Which city was the job of {name} in ?",
     ),
 }
-"""Four question templates per relation: indices 0-1 train, 2-3 held out."""
+"""Four question templates per relation: indices 0-1 train, 2-3 held out. A model trained from
+scratch knows no words but the world's, so every template names its relation with the words the
+training texts tie to it (birth, date, city, university, major, employer, work, born, study); the
+held-out ones put them in frames the training questions do not use ("What was the … of",
+"In which … did"), each frame used by every relation, so that a frame alone never tells the
+relation."""
 
 TRAIN_TEMPLATES = (0, 1)
 HELDOUT_TEMPLATES = (2, 3)
@@ -144,7 +149,7 @@ class WorldConfig:
             raise SaealignError(f"--bios-per-person must not be negative, got {self.bios_per_person}")
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(["bioqa-world-v1", asdict(self)]).encode()).hexdigest()[:16]
+        return hashlib.sha1(json.dumps(["bioqa-world-v2", asdict(self)]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -187,13 +192,17 @@ class World:
         ]
 
     def words(self) -> list[str]:
-        """Every word the world's texts use (biographies, prompts, answers), sorted."""
+        """Every word of the texts the LM learns from (biographies, train-template prompts, every
+        answer), sorted. Words only the held-out templates use are left out: a model trained from
+        scratch knows nothing of them, so its tokenizer reads them as ``<unk>``."""
         vocab: set[str] = set()
         for text in self.bios:
             vocab.update(text.split())
-        for q in self.questions():
+        for q in self.questions("train"):
             vocab.update(q.prompt.split())
-            vocab.update(q.answer.split())
+        for p in self.people:
+            for value in p.facts.values():
+                vocab.update(value.split())
         return sorted(vocab)
 
 

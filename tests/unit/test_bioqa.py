@@ -11,7 +11,7 @@ import pytest
 from ops.alignsae.metrics import binding_accuracy
 from ops.alignsae.ontology import load_ontology, split_ontology
 from ops.alignsae.swaps import AnswerJudge, SwapTrial, answer_of, plan_swaps
-from ops.bioqa.lm import LMConfig, build_tokenizer, fingerprint
+from ops.bioqa.lm import LMConfig, _word_dropout, build_tokenizer, fingerprint, training_examples
 from ops.bioqa.world import (
     HELDOUT_TEMPLATES,
     QUESTION_TEMPLATES,
@@ -80,11 +80,40 @@ def test_world_config_refuses_bad_sizes() -> None:
 def test_word_tokenizer_round_trips_every_answer() -> None:
     world = build_world(WorldConfig(people=30))
     tok = build_tokenizer(world.words())
-    ids = tok(world.questions("test")[0].prompt)["input_ids"]
-    assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    for q in world.questions("train"):
+        ids = tok(q.prompt)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
+    # a word only the held-out templates use was never trained on: the tokenizer reads it as unknown
+    unseen = [q.prompt for q in world.questions("test") if "which" in q.prompt.split()]
+    assert unseen and tok.unk_token_id in tok(unseen[0])["input_ids"]
     for person in world.people:
         for value in person.facts.values():
             assert tok.decode(tok(value, add_special_tokens=False)["input_ids"]) == value
+
+
+def test_word_dropout_keeps_the_name_and_the_answer_and_drops_the_rest_both_ways() -> None:
+    import random
+
+    world = build_world(WorldConfig(people=20))
+    tok = build_tokenizer(world.words())
+    _, qa = training_examples(world, tok)
+    questions = world.questions("train")
+    rng = random.Random(0)
+    unk, left_out, changed = tok.unk_token_id, 0, 0
+    for q, e in zip(questions, qa, strict=True):
+        assert e.maskable and all(0 < pos < e.loss_from for pos in e.maskable)
+        assert _word_dropout(e, 0.0, unk, rng) == e
+        d = _word_dropout(e, 0.5, unk, rng)
+        answer = e.ids[e.loss_from :]
+        assert d.ids[d.loss_from :] == answer  # the answer (and EOS), still the only loss positions
+        assert tok(world.people[q.person].name, add_special_tokens=False)["input_ids"][0] in d.ids[: d.loss_from]
+        assert d.ids[:2] == e.ids[:2] and d.ids[d.loss_from - 2 : d.loss_from] == e.ids[e.loss_from - 2 : e.loss_from]
+        left_out += len(e.ids) - len(d.ids)
+        changed += d.ids != e.ids
+    assert left_out > 0 and changed > len(qa) // 2
+    assert any(unk in _word_dropout(e, 0.5, unk, rng).ids for e in qa)
+    with pytest.raises(SaealignError, match="word-dropout"):
+        LMConfig(lm_word_dropout=1.0)
 
 
 def test_lm_fingerprint_follows_world_and_training_but_not_evaluation_size() -> None:
