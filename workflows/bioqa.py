@@ -42,6 +42,7 @@ def _bio_swaps() -> SwapSweep:
         swap_positions="last_prompt",
         swap_greedy=True,
         swap_all_targets=True,
+        swap_control=True,
     )
 
 

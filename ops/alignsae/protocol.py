@@ -74,8 +74,8 @@ class SwapSweep:
     swap_keep_error: bool = True
     """Add the SAE error back when writing the edited activation (only the slots change)."""
     swap_control: bool = False
-    """Also run the no-SAE control at every α: add α × (target concept's mean activation − source
-    concept's mean) at the hook (a DiffMean steering vector), judged the same way."""
+    """Also run the no-SAE control at every α: add α × (target concept's mean pooled activation −
+    source concept's) at the hook (a DiffMean steering vector), judged the same way."""
     max_ppl_increase: float = 0.30
     """Perplexity bound for the best α: the geometric-mean perplexity of its continuations at most
     (1 + this) x that of the unsteered continuations of the same prompts (centroid judge only: an
@@ -238,8 +238,10 @@ def swap_sweep(
         for name, csae in saes.items()
     }
     if cfg.swap_control:
-        train = data.acts["train"]
-        means = concept_means(train.tokens, train.offsets, data.train.labels)
+        # the means of the representation the slots are trained on: one pooled vector per text
+        # (the last prompt token under --pooling last, the text's token mean under mean pooling)
+        pooled = data.acts["train"].pooled
+        means = concept_means(pooled, torch.arange(len(pooled) + 1), data.train.labels)
         edits["diffmean"] = (None, functools.partial(diffmean_specs, means, trials, positions=where))
     rows = []
     for alpha in cfg.swap_alphas:

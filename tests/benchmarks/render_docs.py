@@ -657,6 +657,10 @@ def demo_section(data: dict[str, Any]) -> list[str]:
     return out
 
 
+_SWAP_EDITS = (("vanilla", "vanilla"), ("aligned", "AlignSAE"), ("diffmean", "DiffMean"))
+"""The swap edits of a bio-QA report, in table order, with their column labels."""
+
+
 def bioqa_section(data: dict[str, Any]) -> list[str]:
     """AlignSAE on the paper's own task (docs/algorithms.md §6): the bio-QA relation slots."""
     lm, metrics, swap = data["lm"], data["metrics"], data["swap"]
@@ -699,20 +703,24 @@ def bioqa_section(data: dict[str, Any]) -> list[str]:
                 ],
             ],
         ),
+    ]
+    edits = [(n, label) for n, label in _SWAP_EDITS if n in swap["best"]]
+    control = swap["best"].get("diffmean")
+    if control:
+        out += [
+            "",
+            f"No-SAE control: a DiffMean vector (α × the target relation's mean last-token activation minus "
+            f"the source's) reaches {_num(control['success'], '.0%')} at α {control['alpha']:g}.",
+        ]
+    out += [
         "",
         f"Swap success vs α ({swap['n_trials']} trials per α; rest unchanged = the answer is one of the same "
         "person's values):",
         "",
         *_grid(
-            ["α", "vanilla success", "vanilla rest unchanged", "AlignSAE success", "AlignSAE rest unchanged"],
+            ["α"] + [f"{label} {what}" for _, label in edits for what in ("success", "rest unchanged")],
             [
-                [
-                    f"{r['alpha']:g}",
-                    _num(r["vanilla"]["success"], ".0%"),
-                    _num(r["vanilla"].get("same_person"), ".0%"),
-                    _num(r["aligned"]["success"], ".0%"),
-                    _num(r["aligned"].get("same_person"), ".0%"),
-                ]
+                [f"{r['alpha']:g}"] + [_num(r[n].get(k), ".0%") for n, _ in edits for k in ("success", "same_person")]
                 for r in swap["by_alpha"]
             ],
         ),

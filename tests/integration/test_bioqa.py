@@ -38,6 +38,7 @@ def _config(tmp: Path, **overrides: Any) -> Any:
             swap_positions="last_prompt",
             swap_greedy=True,
             swap_all_targets=True,
+            swap_control=True,
         ),
         device="cpu",
     )
@@ -58,6 +59,7 @@ def test_bioqa_end_to_end_on_a_tiny_world(tmp_path: Path) -> None:
     assert swap["judge"] == "answer" and swap["positions"] == "last_prompt"
     assert swap["n_trials"] == 12 * 5  # every prompt swapped toward each of the 5 other relations
     best = swap["best"]
+    assert "diffmean" in best and all("diffmean" in row for row in swap["by_alpha"])  # the no-SAE control ran
     assert best["aligned"]["success"] > best["vanilla"]["success"]
     aligned = report["alignsae"]["aligned"]
     assert aligned["binding_accuracy"]["train"] > report["alignsae"]["vanilla"]["binding_accuracy"]["train"]
@@ -65,7 +67,7 @@ def test_bioqa_end_to_end_on_a_tiny_world(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text())["hook"] == cfg.hook
     assert (out / "swap_success.png").stat().st_size > 0 and (out / "swap_success.svg").is_file()
     records = [json.loads(line) for line in (out / "alignsae" / "swaps.jsonl").read_text().splitlines()]
-    assert {r["sae"] for r in records} == {"orig", "vanilla", "aligned"}
+    assert {r["sae"] for r in records} == {"orig", "vanilla", "aligned", "diffmean"}
     assert "swap success vs α" in format_report(report)
     # the LM is cached by fingerprint: a second run trains nothing
     path, record, reused = train_or_load(cfg.world, cfg.lm, Path(cfg.lm_cache))
