@@ -202,7 +202,7 @@ def plot_success(report: dict[str, Any], out: Path) -> list[Path]:
         if name in rows[0]:
             ax.plot(alphas, [100 * r[name]["success"] for r in rows], marker="o", label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("α (target slot = α × typical activation)")
+    ax.set_xlabel("α (slot set to α × its typical activation; DiffMean: α × mean difference)", fontsize=8)
     ax.set_ylabel("swap success (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"bio-QA concept swaps ({swap['n_trials']} trials, {report['hook']})", fontsize=9)
