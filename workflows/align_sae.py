@@ -165,7 +165,7 @@ def build(cfg: AlignSAEConfig) -> dict[str, Any]:
     timings["activations_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     vanilla = vanilla_baseline(base, data, concepts)
-    aligned, history = post_train(base, data, concepts, cfg.train, cfg.seed)
+    aligned, history = post_train(base, data, concepts, cfg.train, cfg.seed, vanilla)
     timings["train_s"] = time.perf_counter() - t0
     out = Path(cfg.out)
     aligned.save(out)

@@ -10,9 +10,11 @@ Design (the choices docs/algorithms.md §6 leaves open):
 * **Concept slots fire independently**: slot j's activation is ``relu(x̃ · e_j + c_j)`` on the
   SAE input ``x̃`` (after sae-lens's ``process_sae_in``), outside the TopK competition; its
   decoder row ``d_j`` is added to the free reconstruction.
-* **Initialisation** from the concept's mean-difference direction on pooled training texts:
-  ``e_j`` along ``μ_j − μ_rest`` scaled so that the logit is +2 / −2 at the positive / negative
-  means; ``d_j = (μ_j − μ_family-others) / typical_j``, so that setting slot j to its typical
+* **Initialisation** (``slot_init``) of the encoder from the concept's mean-difference
+  direction on pooled training texts (``e_j`` along ``μ_j − μ_rest``), or from the base SAE's
+  best latent for the concept (its encoder column and bias, the vanilla baseline's choice),
+  scaled so that the logit moves by 4 between the negative and the positive means (mean
+  difference: −2 / +2 there); ``d_j = (μ_j − μ_family-others) / typical_j``, so that setting slot j to its typical
   activation adds one "concept mean difference" (swap α = 1 moves A's mean to B's).
 * **Losses**: normalised reconstruction (Σ‖x − x̂‖² / Σ‖x − x̄‖²) on per-token activations of
   ontology and generic text, an L1 sparsity term on the free slots for ReLU/JumpReLU bases (TopK
@@ -25,6 +27,10 @@ Design (the choices docs/algorithms.md §6 leaves open):
   ``λ_indep`` × the mean squared correlation between concept and free slots.
 * **Curriculum**: stage 1 trains reconstruction only (free slots adapt to the new concept
   decoder rows, concept encoders frozen), stage 2 adds binding and decorrelation.
+* **Encoder step size**: the encoder weights' Adam learning rate is a fraction of their RMS
+  (``lr_encoder``), so it does not depend on the activation scale; with an absolute rate,
+  small-scale activations mean large encoder weights move by a large share of their size per
+  step, and the binding overfits the training texts' wording within a few steps.
 * **On disk**: a TopK base with extra independent ReLU slots is not a plain sae-lens
   architecture, so the directory holds the post-trained free SAE in sae-lens format
   (``cfg.json`` + ``sae_weights.safetensors``, readable by ``SAE.load_from_disk``) plus
@@ -40,7 +46,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -279,18 +285,29 @@ def _family_others(labels: np.ndarray, families: Sequence[str], j: int) -> np.nd
 
 
 @torch.no_grad()
-def init_concept_slots(aligned: AlignedSAE, pooled: torch.Tensor, labels: np.ndarray) -> None:
-    """Mean-difference initialisation of the concept slots (module docstring)."""
+def init_concept_slots(
+    aligned: AlignedSAE, pooled: torch.Tensor, labels: np.ndarray, latents: Sequence[int] | None = None
+) -> None:
+    """Initialise the concept slots (module docstring): each encoder from the concept's
+    mean-difference direction, or from the base SAE's latent ``latents[j]`` when given; each
+    decoder row from the concept's mean difference over its typical activation."""
     z = aligned.base.process_sae_in(pooled.to(aligned.W_enc_c.device)).float()
     families = [aligned.families[c] for c in aligned.concepts]
     for j in range(len(aligned.concepts)):
         pos = torch.as_tensor(labels[:, j], device=z.device)
-        direction = z[pos].mean(0) - z[~pos].mean(0)
-        unit = direction / direction.norm().clamp_min(1e-8)
-        m_pos, m_neg = (z[pos] @ unit).mean(), (z[~pos] @ unit).mean()
-        scale = 4.0 / (m_pos - m_neg).clamp_min(1e-6)
-        aligned.W_enc_c[:, j] = unit * scale
-        aligned.b_enc_c[j] = -scale * (m_pos + m_neg) / 2
+        if latents is None:
+            direction = z[pos].mean(0) - z[~pos].mean(0)
+            weight = direction / direction.norm().clamp_min(1e-8)
+            m_pos, m_neg = (z[pos] @ weight).mean(), (z[~pos] @ weight).mean()
+            scale = 4.0 / (m_pos - m_neg).clamp_min(1e-6)
+            bias = -scale * (m_pos + m_neg) / 2
+        else:
+            weight = aligned.base.W_enc[:, latents[j]].float()
+            pre = z @ weight + aligned.base.b_enc[latents[j]].float()
+            scale = 4.0 / (pre[pos].mean() - pre[~pos].mean()).clamp_min(1e-6)
+            bias = scale * aligned.base.b_enc[latents[j]].float()
+        aligned.W_enc_c[:, j] = weight * scale
+        aligned.b_enc_c[j] = bias
         others = torch.as_tensor(_family_others(labels, families, j), device=z.device)
         typical = F.relu(z[pos] @ aligned.W_enc_c[:, j] + aligned.b_enc_c[j]).mean().clamp_min(1e-3)
         aligned.W_dec_c[j] = (z[pos].mean(0) - z[others].mean(0)) / typical
@@ -347,8 +364,12 @@ class AlignTrainConfig:
     """Token activations per step (reconstruction)."""
     batch_texts: int = 256
     """Pooled texts per step (binding)."""
+    slot_init: Literal["mean_diff", "vanilla_latent"] = "mean_diff"
+    """Concept encoders start from the mean-difference direction, or from the base SAE's best latent per concept."""
     lr: float = 1e-3
-    """Adam learning rate of the concept slots."""
+    """Adam learning rate of the concept slots' biases and decoder rows."""
+    lr_encoder: float = 2e-3
+    """Adam learning rate of the concept encoder weights, as a fraction of their RMS at the start of stage 2."""
     lr_free: float = 5e-5
     """Adam learning rate of the pre-trained (free) SAE parameters."""
     lambda_align: float = 1.0
@@ -365,6 +386,8 @@ class AlignTrainConfig:
     def __post_init__(self) -> None:
         if self.stage1_steps < 0 or self.stage2_steps <= 0:
             raise SaealignError("--stage2-steps must be positive and --stage1-steps not negative")
+        if self.lr <= 0 or self.lr_free < 0 or self.lr_encoder < 0:
+            raise SaealignError("--lr must be positive and --lr-free, --lr-encoder not negative")
         if self.batch_tokens <= 0 or self.batch_texts <= 0:
             raise SaealignError("--batch-tokens and --batch-texts must be positive")
 
@@ -422,14 +445,23 @@ def _step_loss(aligned: AlignedSAE, batch: _Batch, pos_weight: torch.Tensor, cfg
 
 
 def _optimizer(aligned: AlignedSAE, cfg: AlignTrainConfig, stage: int) -> torch.optim.Optimizer:
+    """Adam over the free SAE (``lr_free``), the concept encoders (stage 2 only; weights at
+    ``lr_encoder`` × their RMS, so the step is relative to the activation scale, biases at
+    ``lr``) and the concept decoder rows (``lr``, unless frozen)."""
     for name, p in aligned.base.named_parameters():
         p.requires_grad_(name in _FREE_PARAMS)
     aligned.W_enc_c.requires_grad_(stage == 2)
     aligned.b_enc_c.requires_grad_(stage == 2)
     aligned.W_dec_c.requires_grad_(cfg.train_concept_decoder)
     free = [p for n, p in aligned.base.named_parameters() if n in _FREE_PARAMS]
-    concept = [p for p in (aligned.W_enc_c, aligned.b_enc_c, aligned.W_dec_c) if p.requires_grad]
-    return torch.optim.Adam([{"params": free, "lr": cfg.lr_free}, {"params": concept, "lr": cfg.lr}])
+    groups = [{"params": free, "lr": cfg.lr_free}]
+    if stage == 2:
+        rms = float(aligned.W_enc_c.detach().pow(2).mean().sqrt())
+        groups.append({"params": [aligned.W_enc_c], "lr": cfg.lr_encoder * rms})
+    concept = [p for p in (aligned.b_enc_c, aligned.W_dec_c) if p.requires_grad]
+    if concept:
+        groups.append({"params": concept, "lr": cfg.lr})
+    return torch.optim.Adam(groups)
 
 
 def _sample(
