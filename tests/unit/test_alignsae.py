@@ -98,6 +98,26 @@ def test_mean_difference_init_separates_concepts() -> None:
     torch.testing.assert_close(aligned.W_dec_c[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def test_vanilla_latent_init_reuses_the_base_latent() -> None:
+    x, labels, _ = planted_data()
+    aligned = AlignedSAE(tiny_sae(), CONCEPTS, FAMILIES)
+    base = encode_in_chunks(lambda v: aligned.base.encode(v), x)
+    latents = [int((base[labels[:, j]].mean(0) - base[~labels[:, j]].mean(0)).argmax()) for j in range(len(CONCEPTS))]
+    init_concept_slots(aligned, x, labels, latents=latents)
+    for j, k in enumerate(latents):
+        cos = torch.nn.functional.cosine_similarity(aligned.W_enc_c[:, j], aligned.base.W_enc[:, k], dim=0)
+        assert cos > 0.999  # same direction, rescaled
+    acts = encode_in_chunks(lambda v: torch.relu(aligned.concept_pre(v)), x)
+    pre_base = encode_in_chunks(lambda v: aligned.base.process_sae_in(v) @ aligned.base.W_enc + aligned.base.b_enc, x)
+    for j, k in enumerate(latents):  # the slot fires exactly where the latent's pre-activation is positive
+        np.testing.assert_array_equal(acts[:, j] > 0, pre_base[:, k] > 0)
+
+
+def test_encoder_learning_rate_is_validated() -> None:
+    with pytest.raises(SaealignError, match="--lr-encoder"):
+        AlignTrainConfig(lr_encoder=-1.0)
+
+
 def test_training_binds_slots_and_keeps_reconstruction() -> None:
     x, labels, _ = planted_data(seed=1)
     aligned = AlignedSAE(tiny_sae(), CONCEPTS, FAMILIES)
