@@ -47,7 +47,7 @@ def _bio_swaps() -> SwapSweep:
 
 
 def _bio_train() -> AlignTrainConfig:
-    return AlignTrainConfig(lambda_token=0.0)
+    return AlignTrainConfig(lambda_token=0.0, slot_init="vanilla_latent")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class LMConfig:
 
     lm_width: int = 128
     """d_model of the GPT-2 config (heads of lm_width / lm_heads dims)."""
-    lm_layers: int = 2
+    lm_layers: int = 3
     """Transformer blocks."""
     lm_heads: int = 4
     """Attention heads per block."""
