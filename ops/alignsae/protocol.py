@@ -123,18 +123,15 @@ def post_train(
     concepts: list[str],
     cfg: AlignTrainConfig,
     seed: int,
-    vanilla: VanillaConceptSAE | None = None,
+    vanilla: VanillaConceptSAE,
 ) -> tuple[AlignedSAE, list[dict[str, float]]]:
     """AlignSAE from ``base``: concept slots appended and initialised (from ``vanilla``'s latents
-    under ``slot_init="vanilla_latent"``; chosen here when not given), then both stages of
+    under ``slot_init="vanilla_latent"``), then both stages of
     post-training on the training split (plus generic text for reconstruction)."""
     aligned = AlignedSAE(copy.deepcopy(base), concepts, data.train.families)
     labels = data.train.label_matrix(concepts)
     pooled = data.acts["train"].pooled
-    latents = None
-    if cfg.slot_init == "vanilla_latent":
-        vanilla = vanilla or vanilla_baseline(base, data, concepts)
-        latents = [vanilla.slots[c] for c in concepts]
+    latents = [vanilla.slots[c] for c in concepts] if cfg.slot_init == "vanilla_latent" else None
     init_concept_slots(aligned, pooled, labels, latents)
     train = data.acts["train"]
     token_labels = np.repeat(labels.argmax(1), np.diff(train.offsets.numpy()))

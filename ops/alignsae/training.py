@@ -295,19 +295,16 @@ def init_concept_slots(
     families = [aligned.families[c] for c in aligned.concepts]
     for j in range(len(aligned.concepts)):
         pos = torch.as_tensor(labels[:, j], device=z.device)
-        if latents is None:
+        if latents is None:  # unit mean-difference direction, zero logit half-way between the means
             direction = z[pos].mean(0) - z[~pos].mean(0)
             weight = direction / direction.norm().clamp_min(1e-8)
-            m_pos, m_neg = (z[pos] @ weight).mean(), (z[~pos] @ weight).mean()
-            scale = 4.0 / (m_pos - m_neg).clamp_min(1e-6)
-            bias = -scale * (m_pos + m_neg) / 2
+            bias = -((z[pos] @ weight).mean() + (z[~pos] @ weight).mean()) / 2
         else:
-            weight = aligned.base.W_enc[:, latents[j]].float()
-            pre = z @ weight + aligned.base.b_enc[latents[j]].float()
-            scale = 4.0 / (pre[pos].mean() - pre[~pos].mean()).clamp_min(1e-6)
-            bias = scale * aligned.base.b_enc[latents[j]].float()
+            weight, bias = aligned.base.W_enc[:, latents[j]].float(), aligned.base.b_enc[latents[j]].float()
+        pre = z @ weight + bias
+        scale = 4.0 / (pre[pos].mean() - pre[~pos].mean()).clamp_min(1e-6)
         aligned.W_enc_c[:, j] = weight * scale
-        aligned.b_enc_c[j] = bias
+        aligned.b_enc_c[j] = bias * scale
         others = torch.as_tensor(_family_others(labels, families, j), device=z.device)
         typical = F.relu(z[pos] @ aligned.W_enc_c[:, j] + aligned.b_enc_c[j]).mean().clamp_min(1e-3)
         aligned.W_dec_c[j] = (z[pos].mean(0) - z[others].mean(0)) / typical
