@@ -124,9 +124,7 @@ def test_training_binds_slots_and_keeps_reconstruction() -> None:
     with torch.no_grad():  # a poor start: concept slots point nowhere in particular
         aligned.W_enc_c.normal_(0, 0.01)
     # the encoder's step is relative to its scale; from a near-zero start it needs a large one
-    cfg = AlignTrainConfig(
-        stage1_steps=5, stage2_steps=150, batch_tokens=64, batch_texts=64, lr=1e-2, lr_encoder=0.5
-    )
+    cfg = AlignTrainConfig(stage1_steps=5, stage2_steps=150, batch_tokens=64, batch_texts=64, lr=1e-2, lr_encoder=0.5)
     history = train_aligned(aligned, x, labels.argmax(1), x, labels, cfg)
     assert [h["stage"] for h in history] == [1] * 5 + [2] * 150
     assert "binding" not in history[0] and "binding" in history[-1]
